@@ -1,0 +1,40 @@
+"""Loads the optional C++/CUDA extension and registers the fake implementation of its op.
+
+The schema ``bypass_kernels::blend_`` is declared once, in csrc/ops.cpp. Nothing here queries a
+device; a missing extension only records why it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+OP_NAME = "bypass_kernels::blend_"
+
+load_error: str | None = None
+if os.environ.get("BYPASS_KERNELS_DISABLE_NATIVE", "0").lower() in ("1", "true", "yes", "on"):
+    load_error = "disabled by BYPASS_KERNELS_DISABLE_NATIVE"
+else:
+    try:
+        from bypass_kernels import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+    except ImportError as exc:
+        load_error = (
+            f"native extension not built or not loadable ({exc}); build it with "
+            "`pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for the CUDA kernel)"
+        )
+
+loaded = load_error is None
+
+
+def has_kernel(dispatch_key: str) -> bool:
+    """Whether the extension registered a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
+    return loaded and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, dispatch_key)
+
+
+if loaded:
+
+    @torch.library.register_fake(OP_NAME)
+    def _blend_fake(mid_out, mid_in, table, timestep):
+        # In-place op with no outputs: shapes are checked by the real kernels and by ops.blend_.
+        return None

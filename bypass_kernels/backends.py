@@ -1,0 +1,156 @@
+"""Which blend backends exist here, why a missing one is missing, and what ``auto`` picks.
+
+Backends: ``triton`` (fused Triton kernel), ``cuda`` (CUDA C++ kernel), ``cpu`` (C++ CPU kernel),
+``torch`` (plain torch ops) and ``auto``. Device availability is checked when asked (``info()``, a
+blend, a patch), never at import.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from bypass_kernels import _native
+
+NAMES = ("auto", "triton", "cuda", "cpu", "torch")
+
+_triton_state: dict = {}
+
+
+def _triton():
+    """The Triton kernel module, imported on first use (importing it costs seconds); None if missing."""
+    if "module" not in _triton_state:
+        try:
+            from bypass_kernels import triton_kernels
+
+            _triton_state.update(module=triton_kernels, error=None)
+        except Exception as exc:  # ImportError, or a triton too old for the kernel
+            error = f"triton is not importable ({type(exc).__name__}: {exc}); install it with `pip install triton`"
+            _triton_state.update(module=None, error=error)
+    return _triton_state["module"]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend that exists but cannot run here; the message says why and what to do."""
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _why_unavailable(name: str, device_type: str | None) -> str | None:
+    """None if ``name`` can run on ``device_type`` (None: on some device here), else the reason."""
+    if name == "torch":
+        return None
+    if name == "cpu":
+        if not _native.loaded:
+            return _native.load_error
+        if device_type not in (None, "cpu"):
+            return f"the 'cpu' backend runs on CPU tensors, got {device_type} tensors"
+        return None
+    if name == "cuda":
+        if not _native.loaded:
+            return _native.load_error
+        if not _native.has_kernel("CUDA"):
+            return (
+                "the native extension was built without its CUDA kernel (build needs a CUDA build of torch and nvcc; "
+                "BYPASS_KERNELS_SKIP_CUDA unset)"
+            )
+        if device_type not in (None, "cuda"):
+            return f"the 'cuda' backend runs on CUDA tensors, got {device_type} tensors"
+        if device_type is None and not torch.cuda.is_available():
+            return "no CUDA device is visible"
+        return None
+    if name == "triton":
+        if _triton() is None:
+            return _triton_state["error"]
+        if _triton_interpret() != _triton().INTERPRET:
+            return "TRITON_INTERPRET changed after bypass_kernels was imported; set it before the import"
+        if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
+            if not _triton_interpret():
+                return "Triton runs on CUDA tensors here; on the CPU only with TRITON_INTERPRET=1 (slow, for tests)"
+            return None
+        if device_type not in (None, "cuda"):
+            return f"the 'triton' backend runs on CUDA tensors, got {device_type} tensors"
+        if _triton_interpret():
+            return "TRITON_INTERPRET=1 is set, which runs Triton on the CPU only"
+        return None
+    raise ValueError(f"backend: expected one of {', '.join(NAMES)}, got {name!r}")
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or name not in NAMES:
+        raise ValueError(f"backend: expected one of {', '.join(repr(n) for n in NAMES)}, got {name!r}")
+
+
+def require(name: str, device_type: str | None = None) -> None:
+    """Raise unless backend ``name`` can run (on ``device_type``, if given)."""
+    check_name(name)
+    if name != "auto":
+        reason = _why_unavailable(name, device_type)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}. See bypass_kernels.info().")
+
+
+def auto_choice(device_type: str) -> str:
+    """The eager kernel ``auto`` runs on a device type (plain torch ops while tracing).
+
+    CUDA: the Triton kernel, else the CUDA C++ kernel, else torch ops. CPU: the C++ kernel, else
+    torch ops (the Triton interpreter is for tests only, never picked).
+    """
+    order = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}.get(device_type, ())
+    for name in order:
+        if name == "triton" and _triton_interpret():
+            continue
+        if _why_unavailable(name, device_type) is None:
+            return name
+    return "torch"
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """The concrete backend for one call on ``device``."""
+    if name == "auto":
+        return "torch" if torch.compiler.is_compiling() else auto_choice(device.type)
+    if not torch.compiler.is_compiling():
+        require(name, device.type)
+    elif name not in NAMES:
+        check_name(name)
+    return name
+
+
+def triton_op():
+    return _triton().blend_triton_
+
+
+def triton_kernel_dtypes() -> tuple[torch.dtype, ...]:
+    return _triton().KERNEL_DTYPES
+
+
+def triton_timestep_dtypes() -> tuple[torch.dtype, ...]:
+    return _triton().TIMESTEP_DTYPES
+
+
+def info() -> dict:
+    """Backends here: ``{"backends": {name: {"available": bool, "reason": str|None}}, "auto": {...}, ...}``."""
+    rows = {}
+    for name in NAMES[1:]:
+        reason = _why_unavailable(name, None)
+        rows[name] = {"available": reason is None, "reason": reason}
+    auto = {"cpu": auto_choice("cpu")}
+    if torch.cuda.is_available():
+        auto["cuda"] = auto_choice("cuda")
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    if _triton() is not None:
+        import triton
+
+        versions["triton"] = triton.__version__
+    return {
+        "backends": rows,
+        "auto": auto,
+        "traced": "torch (plain torch ops the compiler fuses)",
+        "native_extension": {"loaded": _native.loaded, "reason": _native.load_error},
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "triton_interpret": _triton_interpret(),
+        "versions": versions,
+    }

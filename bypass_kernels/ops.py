@@ -1,0 +1,128 @@
+"""The blend op: ``mid_out <- (1 - λ)·mid_out + λ·mid_in`` with λ read from a timestep-indexed table.
+
+One entry point, :func:`blend_`, dispatches to the backend kernels (Triton, CUDA C++, CPU C++) or
+to plain torch ops. While tracing (torch.compile, torch.export, ONNX export) ``auto`` takes the
+plain torch ops so the compiler can fuse the blend into the mid-block's last pointwise kernel.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from bypass_kernels import backends
+
+__all__ = ["blend", "blend_", "blend_reference", "timestep_weights"]
+
+
+def timestep_weights(table: torch.Tensor, timestep: torch.Tensor, ndim: int) -> torch.Tensor:
+    """λ per sample as a float32 tensor of shape [n, 1, ..., 1] (n = 1 or batch), ready to broadcast."""
+    last = table.shape[0] - 1
+    index = timestep.reshape(-1).to(torch.float32).round().clamp(0, last).to(torch.long)
+    return table[index].reshape(-1, *([1] * (ndim - 1)))
+
+
+def blend_reference(
+    mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, timestep: torch.Tensor
+) -> torch.Tensor:
+    """The blend in plain torch ops, out of place: the definition every kernel is tested against."""
+    lam = timestep_weights(table, timestep, mid_out.dim())
+    return ((1.0 - lam) * mid_out.to(torch.float32) + lam * mid_in.to(torch.float32)).to(mid_out.dtype)
+
+
+def _as_timestep(timestep, device: torch.device) -> torch.Tensor:
+    if isinstance(timestep, torch.Tensor):
+        if timestep.device != device:
+            timestep = timestep.to(device, non_blocking=True)
+        return timestep
+    if isinstance(timestep, bool) or not isinstance(timestep, numbers.Real):
+        raise TypeError(f"timestep: expected a number or a tensor, got {type(timestep).__name__}")
+    # torch.full passes the value as a kernel argument: no host-to-device copy, no sync.
+    return torch.full((), float(timestep), dtype=torch.float32, device=device)
+
+
+def _check(mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, timestep: torch.Tensor) -> None:
+    if not isinstance(mid_out, torch.Tensor) or not isinstance(mid_in, torch.Tensor):
+        raise TypeError("mid_out and mid_in: expected tensors")
+    if mid_out.shape != mid_in.shape:
+        raise ValueError(
+            f"mid_out and mid_in must have the same shape (the mid-block must keep its input's shape), "
+            f"got {tuple(mid_out.shape)} and {tuple(mid_in.shape)}"
+        )
+    if mid_out.dtype != mid_in.dtype or not mid_out.is_floating_point():
+        raise TypeError(f"mid_out and mid_in: expected one floating dtype, got {mid_out.dtype} and {mid_in.dtype}")
+    if mid_out.dim() < 1:
+        raise ValueError("mid_out: expected a tensor with a batch dimension")
+    if mid_in.device != mid_out.device:
+        raise ValueError(f"mid_out and mid_in must be on one device, got {mid_out.device} and {mid_in.device}")
+    if not isinstance(table, torch.Tensor) or table.dim() != 1 or table.dtype != torch.float32 or table.numel() < 1:
+        raise TypeError("table: expected a 1-D float32 tensor (BypassSchedule.table())")
+    if table.device != mid_out.device:
+        raise ValueError(f"table must be on {mid_out.device}, got {table.device}")
+    n = timestep.numel()
+    if n != 1 and n != mid_out.shape[0]:
+        raise ValueError(f"timestep: expected 1 value or one per sample ({mid_out.shape[0]}), got {n}")
+
+
+def _needs_autograd(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def blend_(
+    mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, timestep, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Blend in place: ``mid_out <- (1 - λ)·mid_out + λ·mid_in``; returns ``mid_out``.
+
+    λ = ``table[clamp(round_half_to_even(float32(t)), 0, T - 1)]`` per sample; ``timestep`` is a
+    number, a 0-d or [1] tensor (one λ for the batch) or a [batch] tensor (one λ per sample).
+    Arithmetic is float32; the result is stored in ``mid_out``'s dtype. NaN timesteps are not
+    defined (the native kernels read λ at index 0 for them; they never read outside the table).
+    """
+    name = backends.resolve(backend, mid_out.device)
+    timestep = _as_timestep(timestep, mid_out.device)
+    _check(mid_out, mid_in, table, timestep)
+    if name == "torch" or _needs_autograd(mid_out, mid_in, table):
+        return mid_out.copy_(blend_reference(mid_out, mid_in, table, timestep))
+    if name == "triton":
+        t = timestep if timestep.dtype in backends.triton_timestep_dtypes() else timestep.to(torch.float32)
+        if mid_out.dtype in backends.triton_kernel_dtypes() and _flat_layout_ok(mid_out, mid_in, t):
+            backends.triton_op()(mid_out, mid_in, table, t)
+            return mid_out
+        # Any other dtype or strides: the right answer, written into the caller's tensor.
+        return mid_out.copy_(blend_reference(mid_out, mid_in, table, timestep))
+    torch.ops.bypass_kernels.blend_(mid_out, mid_in, table, timestep)  # "cpu" / "cuda": falls back in C++
+    return mid_out
+
+
+def blend(
+    mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, timestep, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Out-of-place :func:`blend_`; differentiable through the torch path when gradients are needed."""
+    if _needs_autograd(mid_out, mid_in, table):
+        timestep = _as_timestep(timestep, mid_out.device)
+        _check(mid_out, mid_in, table, timestep)
+        backends.resolve(backend, mid_out.device)  # still validate the name
+        return blend_reference(mid_out, mid_in, table, timestep)
+    return blend_(mid_out.clone(), mid_in, table, timestep, backend=backend)
+
+
+def _flat_layout_ok(mid_out: torch.Tensor, mid_in: torch.Tensor, timestep: torch.Tensor) -> bool:
+    """Same rule as the C++ ``flat_layout_ok``: one flat pass over memory gives the right answer."""
+    if mid_out.stride() != mid_in.stride() or not _non_overlapping_and_dense(mid_out):
+        return False
+    batch = mid_out.shape[0]
+    if timestep.numel() == 1 or batch == 1 or mid_out.numel() == 0:
+        return True
+    return mid_out.stride(0) == mid_out.numel() // batch
+
+
+def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """Strides, sorted, describe a dense block with no overlap (any permutation of a contiguous layout)."""
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -1,0 +1,285 @@
+"""Bypass schedules: the weight λ(t) of the mid-block bypass at each training timestep.
+
+A schedule is an immutable description (shape, strength, active range) that renders to a
+float32 table of length T = ``num_train_timesteps``. Every backend, the compiled graph and the
+exported ONNX/TensorRT graph read λ from that table at
+``idx = clamp(round_half_to_even(float32(t)), 0, T - 1)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["BypassSchedule", "default_schedule", "timestep_index"]
+
+_SHAPES = ("constant", "linear", "cosine", "table", "steps")
+
+
+def timestep_index(t: float, num_train_timesteps: int) -> int:
+    """Table index of one timestep: float32, round half to even, clamp to [0, T-1]."""
+    if isinstance(t, torch.Tensor):
+        if t.numel() != 1:
+            raise ValueError(f"timestep: expected a single value, got shape {tuple(t.shape)}")
+        t = t.reshape(())
+    value = torch.as_tensor(t).to(torch.float32).round()
+    if torch.isnan(value):
+        raise ValueError("timestep: got NaN")
+    return int(value.clamp(0, num_train_timesteps - 1))
+
+
+def _check_T(num_train_timesteps: Any) -> int:
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, numbers.Integral):
+        raise TypeError(f"num_train_timesteps: expected an int, got {num_train_timesteps!r}")
+    if num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps: expected at least 2, got {num_train_timesteps}")
+    return int(num_train_timesteps)
+
+
+def _check_strength(strength: Any, name: str = "strength") -> float:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+        raise TypeError(f"{name}: expected a number in [0, 1], got {strength!r}")
+    value = float(strength)
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: expected a finite number in [0, 1], got {strength!r}")
+    return value
+
+
+def _check_timestep_bound(value: Any, name: str, T: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected an integer timestep in [0, {T - 1}], got {value!r}")
+    if not float(value).is_integer():
+        raise ValueError(f"{name}: expected an integer timestep, got {value!r}")
+    if not 0 <= value <= T - 1:
+        raise ValueError(f"{name}: expected a timestep in [0, {T - 1}] (T = num_train_timesteps), got {value!r}")
+    return int(value)
+
+
+def _as_float_list(values: Any, name: str) -> list[float]:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().reshape(-1).tolist()
+    elif hasattr(values, "tolist"):  # numpy arrays
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name}: expected a sequence of numbers, got {type(values).__name__}")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name}[{i}]: expected a number, got {v!r}")
+        out.append(float(v))
+    return out
+
+
+class BypassSchedule:
+    """λ(t) for the mid-block bypass ``m' = (1 - λ)·m + λ·h`` (see METHOD.md).
+
+    Build one with :meth:`constant`, :meth:`linear`, :meth:`cosine`, :meth:`from_table` or
+    :meth:`from_steps`. ``linear`` and ``cosine`` rise from 0 at ``t_min`` to ``strength`` at
+    ``t_max``, so the bypass is strongest at the noisiest step and fades out as denoising
+    proceeds; λ is 0 outside ``[t_min, t_max]``.
+    """
+
+    __slots__ = ("_T", "_params", "_shape", "_table")
+
+    def __init__(self, shape: str, params: Mapping[str, Any], num_train_timesteps: int, table: torch.Tensor):
+        # Use the constructors; this one trusts its arguments.
+        self._shape = shape
+        self._params = dict(params)
+        self._T = num_train_timesteps
+        self._table = table  # float32, CPU, length T; never handed out without a copy
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def _analytic(cls, shape: str, strength, t_min, t_max, num_train_timesteps) -> BypassSchedule:
+        T = _check_T(num_train_timesteps)
+        s = _check_strength(strength)
+        lo = _check_timestep_bound(t_min, "t_min", T)
+        hi = T - 1 if t_max is None else _check_timestep_bound(t_max, "t_max", T)
+        if lo >= hi:
+            raise ValueError(f"t_min must be below t_max, got t_min={lo}, t_max={hi}")
+        t = torch.arange(T, dtype=torch.float64)
+        frac = ((t - lo) / (hi - lo)).clamp(0.0, 1.0)
+        if shape == "constant":
+            ramp = torch.ones_like(t)
+        elif shape == "linear":
+            ramp = frac
+        else:  # cosine
+            ramp = (1.0 - torch.cos(math.pi * frac)) / 2.0
+        active = (t >= lo) & (t <= hi)
+        table = torch.where(active, s * ramp, torch.zeros_like(t)).to(torch.float32)
+        return cls(shape, {"strength": s, "t_min": lo, "t_max": hi}, T, table)
+
+    @classmethod
+    def constant(cls, strength: float, t_min: int = 0, t_max: int | None = None, *, num_train_timesteps: int = 1000):
+        """λ = strength on [t_min, t_max], 0 elsewhere."""
+        return cls._analytic("constant", strength, t_min, t_max, num_train_timesteps)
+
+    @classmethod
+    def linear(cls, strength: float, t_min: int = 0, t_max: int | None = None, *, num_train_timesteps: int = 1000):
+        """λ rises linearly from 0 at t_min to strength at t_max; 0 outside."""
+        return cls._analytic("linear", strength, t_min, t_max, num_train_timesteps)
+
+    @classmethod
+    def cosine(cls, strength: float, t_min: int = 0, t_max: int | None = None, *, num_train_timesteps: int = 1000):
+        """λ = strength·(1 − cos(π·(t − t_min)/(t_max − t_min)))/2 on [t_min, t_max]; 0 outside."""
+        return cls._analytic("cosine", strength, t_min, t_max, num_train_timesteps)
+
+    @classmethod
+    def from_table(cls, values, *, num_train_timesteps: int = 1000) -> BypassSchedule:
+        """λ given for every integer timestep 0..T-1 (values are stored as float32)."""
+        T = _check_T(num_train_timesteps)
+        floats = _as_float_list(values, "values")
+        if len(floats) != T:
+            raise ValueError(f"values: expected {T} entries (num_train_timesteps), got {len(floats)}")
+        for i, v in enumerate(floats):
+            if not math.isfinite(v) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"values[{i}]: expected a finite number in [0, 1], got {v!r}")
+        table = torch.tensor(floats, dtype=torch.float32)
+        return cls("table", {}, T, table)
+
+    @classmethod
+    def from_steps(cls, timesteps, strengths, *, num_train_timesteps: int = 1000) -> BypassSchedule:
+        """λ per sampler step, keyed by the sampler's timesteps (e.g. ``scheduler.timesteps``).
+
+        Each timestep is rounded to its table index; every other index gets λ = 0.
+        """
+        T = _check_T(num_train_timesteps)
+        ts = _as_float_list(timesteps, "timesteps")
+        ss = _as_float_list(strengths, "strengths")
+        if len(ts) != len(ss):
+            raise ValueError(f"timesteps and strengths must have the same length, got {len(ts)} and {len(ss)}")
+        if not ts:
+            raise ValueError("timesteps: expected at least one step")
+        table = torch.zeros(T, dtype=torch.float32)
+        seen: dict[int, float] = {}
+        for i, (t, s) in enumerate(zip(ts, ss)):
+            if not math.isfinite(t) or not 0 <= t <= T - 1:
+                raise ValueError(f"timesteps[{i}]: expected a timestep in [0, {T - 1}], got {t!r}")
+            s = _check_strength(s, f"strengths[{i}]")
+            idx = timestep_index(t, T)
+            s32 = float(torch.tensor(s, dtype=torch.float32))
+            if idx in seen and seen[idx] != s32:
+                raise ValueError(f"timesteps[{i}]={t!r} rounds to index {idx}, which an earlier step gave another strength")
+            seen[idx] = s32
+            table[idx] = s
+        params = {"timesteps": ts, "strengths": ss}
+        return cls("steps", params, T, table)
+
+    # ----------------------------------------------------------------- accessors
+    @property
+    def shape(self) -> str:
+        return self._shape
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self._T
+
+    def table(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The float32 table of length T (a new tensor each call)."""
+        return self._table.to(device=device, copy=True)
+
+    def weight(self, t) -> float:
+        """λ at timestep t, exactly as every backend reads it from the table."""
+        return float(self._table[timestep_index(t, self._T)])
+
+    @property
+    def max_strength(self) -> float:
+        return float(self._table.max())
+
+    # ----------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"shape": self._shape, "num_train_timesteps": self._T}
+        if self._shape == "table":
+            d["values"] = self._table.tolist()
+        else:
+            d.update(self._params)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BypassSchedule:
+        if not isinstance(data, Mapping):
+            raise TypeError(f"expected a mapping from to_dict(), got {type(data).__name__}")
+        shape = data.get("shape")
+        if shape not in _SHAPES:
+            raise ValueError(f"shape: expected one of {', '.join(_SHAPES)}, got {shape!r}")
+        T = data.get("num_train_timesteps", 1000)
+        if shape == "table":
+            return cls.from_table(data["values"], num_train_timesteps=T)
+        if shape == "steps":
+            return cls.from_steps(data["timesteps"], data["strengths"], num_train_timesteps=T)
+        return getattr(cls, shape)(data["strength"], data.get("t_min", 0), data.get("t_max"), num_train_timesteps=T)
+
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, Any] | BypassSchedule | None, *, num_train_timesteps: int = 1000):
+        """A schedule from a command-line spec.
+
+        Accepts ``"default"``, ``"off"``, ``"SHAPE:STRENGTH[:T_MIN[:T_MAX]]"`` (e.g. ``linear:0.3:500``),
+        a JSON object as text, or the path of a JSON file written from :meth:`to_dict`.
+        """
+        if spec is None or isinstance(spec, BypassSchedule):
+            return spec
+        if isinstance(spec, Mapping):
+            return cls.from_dict(spec)
+        if not isinstance(spec, str):
+            raise TypeError(f"schedule spec: expected a string, got {type(spec).__name__}")
+        text = spec.strip()
+        if text == "default":
+            return default_schedule(num_train_timesteps=num_train_timesteps)
+        if text in ("off", "none"):
+            return cls.constant(0.0, num_train_timesteps=num_train_timesteps)
+        if text.startswith("{"):
+            return cls.from_dict(json.loads(text))
+        if text.endswith(".json") or os.path.isfile(text):
+            with open(text, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        parts = text.split(":")
+        if parts[0] not in ("constant", "linear", "cosine") or not 2 <= len(parts) <= 4:
+            raise ValueError(
+                f"schedule spec {spec!r}: expected 'default', 'off', 'constant|linear|cosine:STRENGTH[:T_MIN[:T_MAX]]',"
+                " a JSON object or a JSON file"
+            )
+        try:
+            numbers_ = [float(parts[1])] + [int(p) for p in parts[2:]]
+        except ValueError:
+            raise ValueError(f"schedule spec {spec!r}: STRENGTH is a number, T_MIN and T_MAX integers") from None
+        return getattr(cls, parts[0])(*numbers_, num_train_timesteps=num_train_timesteps)
+
+    # ----------------------------------------------------------------- dunder
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BypassSchedule):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+    def __repr__(self) -> str:
+        T = self._T
+        if self._shape == "table":
+            nz = torch.nonzero(self._table).reshape(-1)
+            where = f"nonzero on [{int(nz.min())}, {int(nz.max())}]" if nz.numel() else "all zero"
+            return f"BypassSchedule.from_table(<{T} values, max {self.max_strength:.4g}, {where}>)"
+        if self._shape == "steps":
+            n = len(self._params["timesteps"])
+            return f"BypassSchedule.from_steps(<{n} steps, max {self.max_strength:.4g}>, num_train_timesteps={T})"
+        p = self._params
+        return (
+            f"BypassSchedule.{self._shape}(strength={p['strength']:g}, t_min={p['t_min']}, t_max={p['t_max']},"
+            f" num_train_timesteps={T})"
+        )
+
+
+def default_schedule(*, num_train_timesteps: int = 1000) -> BypassSchedule:
+    """This package's own starting point, not a value from the paper: ``linear(0.3, t_min=T/2)``.
+
+    λ rises from 0 at the middle of the timestep range to 0.3 at the noisiest timestep, so the
+    bypass acts only on the high-noise half of sampling and fades out as the image forms.
+    """
+    T = _check_T(num_train_timesteps)
+    return BypassSchedule.linear(0.3, t_min=T // 2, num_train_timesteps=T)

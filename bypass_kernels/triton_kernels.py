@@ -1,0 +1,103 @@
+"""The fused Triton blend: timestep -> index -> table gather -> blend, in one launch, in place.
+
+On CUDA it is a ``torch.library.triton_op``, which torch.compile traces into (no graph break).
+Under ``TRITON_INTERPRET=1`` (how CI runs Triton on the CPU) the interpreter cannot run on fake
+tensors, so there the launcher is registered as an opaque ``custom_op`` with a fake impl instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+OP_NAME = "bypass_kernels::blend_triton_"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Timestep dtypes the kernel reads directly; others are converted to float32 first (one extra op).
+TIMESTEP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _sample_weight(table_ptr, T, timestep_ptr, offset):
+    t = tl.load(timestep_ptr + offset).to(tl.float32)
+    # Round half to even without libdevice (portable to the interpreter).
+    r = tl.floor(t + 0.5)
+    r = tl.where((r - t == 0.5) & (r % 2 != 0), r - 1.0, r)
+    r = tl.minimum(tl.maximum(r, 0.0), (T - 1).to(tl.float32))
+    idx = tl.minimum(tl.maximum(r.to(tl.int64), 0), T - 1)  # integer clamp: never read outside the table
+    return tl.load(table_ptr + idx)
+
+
+@triton.jit
+def blend_kernel(
+    out_ptr,
+    in_ptr,
+    table_ptr,
+    T,
+    timestep_ptr,
+    ts_stride,
+    per_sample,
+    numel,
+    PER_SAMPLE: tl.constexpr,  # one timestep per sample (else one for all)
+    BLOCK_IN_SAMPLE: tl.constexpr,  # BLOCK divides per_sample: one weight per program
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    if PER_SAMPLE:
+        if BLOCK_IN_SAMPLE:
+            w = _sample_weight(table_ptr, T, timestep_ptr, ((pid * BLOCK) // per_sample) * ts_stride)
+        else:
+            w = _sample_weight(table_ptr, T, timestep_ptr, (offs // per_sample) * ts_stride)
+    else:
+        w = _sample_weight(table_ptr, T, timestep_ptr, 0)
+    m = tl.load(out_ptr + offs, mask=mask).to(tl.float32)
+    h = tl.load(in_ptr + offs, mask=mask).to(tl.float32)
+    # The downcast rounds to nearest even on GPUs (the interpreter truncates bf16: tests allow 1 ulp there).
+    tl.store(out_ptr + offs, ((1.0 - w) * m + w * h).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(run, mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, timestep: torch.Tensor) -> None:
+    numel = mid_out.numel()
+    if numel == 0:
+        return
+    t = timestep.reshape(-1)
+    per_sample = numel // mid_out.shape[0] if t.numel() > 1 else numel
+    block = 4096 if numel >= (1 << 22) else 1024
+    grid = (triton.cdiv(numel, block),)
+    run(blend_kernel)[grid](
+        mid_out,
+        mid_in,
+        table,
+        table.numel(),
+        t,
+        t.stride(0),
+        per_sample,
+        numel,
+        PER_SAMPLE=t.numel() > 1,
+        BLOCK_IN_SAMPLE=per_sample % block == 0,
+        BLOCK=block,
+        num_warps=8 if block >= 4096 else 4,
+    )
+
+
+if INTERPRET:
+
+    @torch.library.custom_op(OP_NAME, mutates_args={"mid_out"})
+    def blend_triton_(mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, timestep: torch.Tensor) -> None:
+        _launch(lambda kernel: kernel, mid_out, mid_in, table, timestep)
+
+    @blend_triton_.register_fake
+    def _(mid_out, mid_in, table, timestep):
+        return None
+
+else:
+
+    @torch.library.triton_op(OP_NAME, mutates_args={"mid_out"})
+    def blend_triton_(mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, timestep: torch.Tensor) -> None:
+        _launch(torch.library.wrap_triton, mid_out, mid_in, table, timestep)

@@ -1,0 +1,26 @@
+// Shared declarations of the bypass blend:  mid_out <- (1 - lambda) * mid_out + lambda * mid_in,
+// lambda = table[clamp(round_half_to_even(float32(timestep[sample])), 0, T - 1)], float32 arithmetic.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace bypass_kernels {
+
+// Argument checks shared by every backend; all failures are TORCH_CHECK errors naming the argument.
+void check_blend_args(const at::Tensor& mid_out, const at::Tensor& mid_in, const at::Tensor& table,
+                      const at::Tensor& timestep);
+
+// True when one flat pass over memory is correct: same sizes and strides, dense, and (for
+// per-sample timesteps) each sample a contiguous chunk of numel / batch elements.
+bool flat_layout_ok(const at::Tensor& mid_out, const at::Tensor& mid_in, const at::Tensor& timestep);
+
+// Any-strides fallback with ATen ops; writes the result into mid_out.
+void blend_fallback_(at::Tensor& mid_out, const at::Tensor& mid_in, const at::Tensor& table,
+                     const at::Tensor& timestep);
+
+// Dtypes the fused kernels handle; others take the fallback.
+inline bool kernel_dtype_ok(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace bypass_kernels
