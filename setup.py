@@ -47,7 +47,7 @@ def native_extensions():
         sources.append("csrc/cuda/blend_cuda.cu")
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math"]
         ext_cls = cpp_extension.CUDAExtension
-        print(f"bypass_kernels: building CPU + CUDA kernels (CUDA {torch.version.cuda}, nvcc at {cpp_extension.CUDA_HOME})")
+        print(f"bypass_kernels: building CPU + CUDA kernels (CUDA {torch.version.cuda}, {cpp_extension.CUDA_HOME})")
     else:
         ext_cls = cpp_extension.CppExtension
         print("bypass_kernels: building the CPU kernel (no CUDA torch or no nvcc, or BYPASS_KERNELS_SKIP_CUDA)")

@@ -1,8 +1,8 @@
 """The ``bypass-kernels`` command.
 
-  bypass-kernels run       patch a UNet and run a short DDIM loop, printing timestep, λ and time per step
-  bypass-kernels info      which backends run here, and why a missing one is missing
-  bypass-kernels schedule  print a schedule's table (and plot it with --plot FILE.png)
+bypass-kernels run       patch a UNet and run a short DDIM loop, printing timestep, λ and time per step
+bypass-kernels info      which backends run here, and why a missing one is missing
+bypass-kernels schedule  print a schedule's table (and plot it with --plot FILE.png)
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ SCHEDULE_HELP = (
     "'default', 'off', 'constant|linear|cosine:STRENGTH[:T_MIN[:T_MAX]]' (e.g. linear:0.3:500), "
     "a JSON object from BypassSchedule.to_dict(), or a JSON file"
 )
+
+MODEL_HELP = "a preset (tiny-sd, tiny-sdxl, tiny-unet2d, sd15, sdxl) or a local diffusers UNet/pipeline folder"
 
 
 def _device(name: str) -> torch.device:
@@ -84,7 +86,8 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"bypass_kernels {bypass_kernels.__version__}  ({', '.join(f'{k} {v}' for k, v in report['versions'].items())})")
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    print(f"bypass_kernels {bypass_kernels.__version__}  ({versions})")
     for name, row in report["backends"].items():
         state = "available" if row["available"] else f"unavailable: {row['reason']}"
         print(f"  {name:<7} {state}")
@@ -106,11 +109,13 @@ def cmd_schedule(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bypass-kernels", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bypass-kernels", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="patch a UNet and run a short DDIM loop (the main job)")
-    run.add_argument("--model", default="tiny-sd", help="preset (tiny-sd, tiny-sdxl, tiny-unet2d, sd15, sdxl) or folder")
+    run.add_argument("--model", default="tiny-sd", help=MODEL_HELP)
     run.add_argument("--schedule", default="default", help=SCHEDULE_HELP)
     run.add_argument("--steps", type=int, default=20)
     run.add_argument("--batch", type=int, default=2)

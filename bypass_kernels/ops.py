@@ -119,7 +119,7 @@ def _flat_layout_ok(mid_out: torch.Tensor, mid_in: torch.Tensor, timestep: torch
 
 def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
     """Strides, sorted, describe a dense block with no overlap (any permutation of a contiguous layout)."""
-    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n != 1)
     expected = 1
     for stride, size in dims:
         if stride != expected:

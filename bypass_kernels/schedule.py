@@ -158,14 +158,16 @@ class BypassSchedule:
             raise ValueError("timesteps: expected at least one step")
         table = torch.zeros(T, dtype=torch.float32)
         seen: dict[int, float] = {}
-        for i, (t, s) in enumerate(zip(ts, ss)):
+        for i, (t, s) in enumerate(zip(ts, ss, strict=True)):
             if not math.isfinite(t) or not 0 <= t <= T - 1:
                 raise ValueError(f"timesteps[{i}]: expected a timestep in [0, {T - 1}], got {t!r}")
             s = _check_strength(s, f"strengths[{i}]")
             idx = timestep_index(t, T)
             s32 = float(torch.tensor(s, dtype=torch.float32))
             if idx in seen and seen[idx] != s32:
-                raise ValueError(f"timesteps[{i}]={t!r} rounds to index {idx}, which an earlier step gave another strength")
+                raise ValueError(
+                    f"timesteps[{i}]={t!r} rounds to index {idx}, which an earlier step gave another strength"
+                )
             seen[idx] = s32
             table[idx] = s
         params = {"timesteps": ts, "strengths": ss}
