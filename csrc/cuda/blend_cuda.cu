@@ -1,8 +1,9 @@
 // CUDA kernel: one launch computes timestep -> index -> table gather -> blend, in place.
 // No host sync: the timestep and the table stay on the device. 64-bit indexing; 16-byte
 // vector loads and stores when the pointers and the per-sample size allow.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
@@ -59,6 +60,18 @@ __global__ void blend_kernel(scalar_t* __restrict__ out, const scalar_t* __restr
   }
 }
 
+// Multiprocessors of a device, read once per device (no sync; keeps the launch path to one call).
+int multiprocessors(c10::DeviceIndex device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) return 132;
+  if (cache[device] == 0) {
+    int count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    cache[device] = count;
+  }
+  return cache[device];
+}
+
 int timestep_kind(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return kF32;
@@ -77,9 +90,9 @@ void launch(at::Tensor& mid_out, const at::Tensor& mid_in, const at::Tensor& tab
   const int64_t numel = mid_out.numel();
   const int threads = 256;
   const int64_t packs = numel / VEC;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = multiprocessors(mid_out.device().index());
   const int64_t blocks = std::min<int64_t>((packs + threads - 1) / threads, static_cast<int64_t>(sms) * 16);
-  blend_kernel<scalar_t, VEC><<<static_cast<unsigned>(blocks), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  blend_kernel<scalar_t, VEC><<<static_cast<unsigned>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       mid_out.data_ptr<scalar_t>(), mid_in.data_ptr<scalar_t>(), table.data_ptr<float>(), table.numel(),
       t.data_ptr(), kind, t.numel(), t.stride(0), per_sample, numel);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

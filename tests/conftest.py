@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny diffusers models, op sample inputs, and an independent reference blend."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Triton kernels run on the CPU through the interpreter when no GPU is visible (must precede their import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+import bypass_kernels
+from bypass_kernels.presets import build_unet, example_inputs
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+# Tolerances against the float32 reference: one rounding of the output dtype, plus float32
+# reassociation. The Triton interpreter truncates to bfloat16 (a GPU rounds to nearest), so
+# bfloat16 allows one ulp.
+TOL = {
+    torch.float32: dict(atol=1e-6, rtol=1e-6),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    torch.bfloat16: dict(atol=1e-2, rtol=8e-3),
+}
+
+ODD_SHAPES = [(1, 3, 5, 7), (5, 64, 9, 11), (3, 1280, 8, 8), (4, 33, 1, 1)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def available_backends(device: str) -> list[str]:
+    names = []
+    for name in ("torch", "cpu", "cuda", "triton"):
+        try:
+            bypass_kernels.backends.require(name, device)
+            names.append(name)
+        except bypass_kernels.BackendUnavailableError:
+            pass
+    return names
+
+
+def sample_inputs(device="cpu", dtypes=DTYPES, shapes=ODD_SHAPES):
+    """(case name, mid_out, mid_in, table, timestep) tuples shared by the reference, opcheck and compile tests."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.rand(1000, generator=gen, dtype=torch.float32).to(device)
+    for shape in shapes:
+        for dtype in dtypes:
+            b = shape[0]
+            m = torch.randn(shape, generator=gen).to(device, dtype)
+            h = torch.randn(shape, generator=gen).to(device, dtype)
+            per_sample = torch.tensor([999.5, 0.5, 498.5, -3.0, 2000.0][:b] + [17.0] * max(0, b - 5))
+            timesteps = {
+                "scalar_int": torch.tensor(500, device=device),
+                "one_tie": torch.tensor([600.5], device=device),
+                "fraction": torch.tensor([123.4], dtype=torch.float64, device=device),
+                "per_sample": per_sample[:b].to(device),
+                "out_of_range": torch.tensor([1e6], device=device),
+            }
+            for tname, t in timesteps.items():
+                yield f"{tuple(shape)}-{str(dtype)[6:]}-{tname}", m, h, table, t
+
+
+def hand_hook(unet, weight_of):
+    """An independent reference: a forward hook that blends with λ from ``weight_of(t)`` (Python
+    floats, per sample), written without any of the package's table or kernel code."""
+    state = {}
+
+    def keep(module, args, kwargs):
+        state["t"] = kwargs["timestep"] if "timestep" in kwargs else args[1]
+
+    def mix(module, args, kwargs, out):
+        h = args[0] if args else kwargs["hidden_states"]
+        t = torch.as_tensor(state["t"]).reshape(-1).tolist()
+        lam = torch.tensor([weight_of(v) for v in t], dtype=torch.float32).reshape(-1, 1, 1, 1)
+        return ((1 - lam) * out.float() + lam * h.float()).to(out.dtype)
+
+    handles = [
+        unet.register_forward_pre_hook(keep, with_kwargs=True),
+        unet.mid_block.register_forward_hook(mix, with_kwargs=True),
+    ]
+    return handles
+
+
+@pytest.fixture(scope="session")
+def tiny_sd():
+    return build_unet("tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    return build_unet("tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_unet2d():
+    return build_unet("tiny-unet2d")
+
+
+@pytest.fixture(params=["tiny-sd", "tiny-sdxl", "tiny-unet2d"])
+def any_unet(request, tiny_sd, tiny_sdxl, tiny_unet2d):
+    return {"tiny-sd": tiny_sd, "tiny-sdxl": tiny_sdxl, "tiny-unet2d": tiny_unet2d}[request.param]
+
+
+@pytest.fixture(autouse=True)
+def _never_leave_patched(tiny_sd, tiny_sdxl, tiny_unet2d):
+    yield
+    for unet in (tiny_sd, tiny_sdxl, tiny_unet2d):
+        bypass_kernels.unpatch(unet)
+
+
+def run_unet(unet, inputs, **overrides):
+    with torch.no_grad():
+        return unet(**{**inputs, **overrides}, return_dict=False)[0]
+
+
+__all__ = ["example_inputs"]
