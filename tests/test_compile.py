@@ -1,0 +1,196 @@
+"""torch.compile on patched UNets (Inductor on the CPU here; the GPU parts run in benchmarks/gpu_check.sh).
+
+Compiles are slow on two cores, so each compiled model is built once and shared by several checks.
+"""
+
+import pytest
+import torch
+from conftest import example_inputs, gpu, hand_hook, run_unet
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._inductor import metrics
+
+import bypass_kernels
+from bypass_kernels import BypassSchedule
+from bypass_kernels.presets import build_unet
+
+SCHEDULE = BypassSchedule.linear(0.8, t_min=300)
+
+
+def compiled_run(model, calls, **compile_kwargs):
+    """Compile ``model`` fresh; return (outputs, frames compiled, Inductor kernels generated)."""
+    torch._dynamo.reset()
+    metrics.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, **compile_kwargs)
+    outputs = [run_unet(compiled, inputs) for inputs in calls]
+    return outputs, counter.frame_count, metrics.generated_kernel_count, compiled, counter
+
+
+def loop_inputs(unet, timesteps, batch=2):
+    base = example_inputs(unet, batch=batch)
+    return [{**base, "timestep": t} for t in timesteps]
+
+
+@pytest.fixture(scope="module")
+def sd_compiled():
+    """tiny-sd compiled unpatched and patched, over a loop of different timesteps."""
+    unet = build_unet("tiny-sd")
+    timesteps = [torch.tensor(t) for t in (999, 857, 714, 571, 428, 285, 142, 0)]
+    calls = loop_inputs(unet, timesteps)
+    _, _, plain_kernels, _, _ = compiled_run(unet, calls[:1])
+    bypass_kernels.patch(unet, SCHEDULE)
+    outputs, frames, kernels, compiled, counter = compiled_run(unet, calls)
+    return dict(
+        unet=unet,
+        calls=calls,
+        outputs=outputs,
+        frames=frames,
+        kernels=kernels,
+        plain_kernels=plain_kernels,
+        compiled=compiled,
+        counter=counter,
+    )
+
+
+def test_fullgraph_one_compile_for_a_whole_loop(sd_compiled):
+    assert sd_compiled["frames"] == 1  # fullgraph=True: no graph break; one frame: no recompile per timestep
+
+
+def test_compiled_patched_equals_eager_reference(sd_compiled):
+    unet = sd_compiled["unet"]
+    bypass_kernels.unpatch(unet)
+    try:
+        for inputs, got in zip(sd_compiled["calls"], sd_compiled["outputs"], strict=True):
+            handles = hand_hook(unet, SCHEDULE.weight)
+            expected = run_unet(unet, inputs)
+            for h in handles:
+                h.remove()
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    finally:
+        bypass_kernels.patch(unet, SCHEDULE)
+
+
+def test_blend_fuses_no_extra_kernels(sd_compiled):
+    assert sd_compiled["kernels"] <= sd_compiled["plain_kernels"], (
+        sd_compiled["kernels"],
+        sd_compiled["plain_kernels"],
+    )
+
+
+def test_set_schedule_between_loops_does_not_recompile(sd_compiled):
+    unet, compiled, counter = sd_compiled["unet"], sd_compiled["compiled"], sd_compiled["counter"]
+    other = BypassSchedule.constant(1.0)
+    bypass_kernels.set_schedule(unet, other)
+    try:
+        inputs = sd_compiled["calls"][0]
+        got = run_unet(compiled, inputs)
+        assert counter.frame_count == 1
+        bypass_kernels.unpatch(unet)
+        handles = hand_hook(unet, other.weight)  # λ = 1: the mid-block skipped
+        try:
+            expected = run_unet(unet, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+            bypass_kernels.patch(unet, other)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    finally:
+        bypass_kernels.set_schedule(unet, SCHEDULE)
+
+
+def test_per_sample_and_float_timesteps_compile_once_more_at_most(sd_compiled):
+    """A [batch] timestep is a new input shape (one more graph); its values never recompile."""
+    unet, compiled, counter = sd_compiled["unet"], sd_compiled["compiled"], sd_compiled["counter"]
+    base = sd_compiled["calls"][0]
+    before = counter.frame_count
+    for pair in ([999.0, 10.0], [500.5, 501.5], [0.0, 2000.0], [333.3, 777.7]):
+        inputs = {**base, "timestep": torch.tensor(pair)}
+        got = run_unet(compiled, inputs)
+        bypass_kernels.unpatch(unet)
+        handles = hand_hook(unet, SCHEDULE.weight)
+        expected = run_unet(unet, inputs)
+        for h in handles:
+            h.remove()
+        bypass_kernels.patch(unet, SCHEDULE)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert counter.frame_count <= before + 1
+
+
+def test_sdxl_shaped_fullgraph_no_recompile():
+    unet = bypass_kernels.patch(build_unet("tiny-sdxl"), SCHEDULE)
+    calls = loop_inputs(unet, [torch.tensor(t) for t in (999, 640, 320, 0)])
+    outputs, frames, _, _, _ = compiled_run(unet, calls)
+    assert frames == 1
+    bypass_kernels.unpatch(unet)
+    handles = hand_hook(unet, SCHEDULE.weight)
+    for inputs, got in zip(calls, outputs, strict=True):
+        torch.testing.assert_close(got, run_unet(unet, inputs), atol=1e-4, rtol=1e-4)
+    for h in handles:
+        h.remove()
+
+
+def test_explicit_native_backend_compiles_without_graph_break():
+    """backend='cpu' (the C++ op, with its fake impl) under fullgraph: an opaque op, no graph break."""
+    if "cpu" not in bypass_kernels.info()["backends"] or not bypass_kernels.info()["backends"]["cpu"]["available"]:
+        pytest.skip("native extension not built")
+
+    def step(m, h, table, t):
+        out = m * 2
+        bypass_kernels.blend_(out, h, table, t, backend="cpu")
+        return out
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    table = SCHEDULE.table()
+    m, h = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    for t in (999.0, 500.0, 5.0):
+        t = torch.tensor([t, 900.0])
+        expected = bypass_kernels.blend_reference(m * 2, h, table, t)
+        torch.testing.assert_close(compiled(m, h, table, t), expected)
+    assert counter.frame_count == 1
+
+
+@gpu
+def test_cuda_graph_replay_matches_eager_every_step():
+    unet = bypass_kernels.patch(build_unet("tiny-sd", device="cuda", dtype=torch.float16), SCHEDULE)
+    inputs = example_inputs(unet, batch=2)
+    static_t = torch.tensor(999.0, device="cuda")
+    static = {**inputs, "timestep": static_t}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            run_unet(unet, static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = unet(**static, return_dict=False)[0]
+    for t in torch.linspace(999, 0, 12):
+        static_t.fill_(t)
+        graph.replay()
+        expected = run_unet(unet, {**inputs, "timestep": t.to("cuda")})
+        torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+
+
+@gpu
+def test_reduce_overhead_records_one_graph_and_no_sync():
+    unet = bypass_kernels.patch(build_unet("tiny-sd", device="cuda", dtype=torch.float16), SCHEDULE)
+    calls = loop_inputs(unet, [torch.tensor(float(t), device="cuda") for t in range(999, 0, -50)])
+    outputs, frames, _, _, _ = compiled_run(unet, calls, mode="reduce-overhead")
+    assert frames == 1
+    eager = [run_unet(unet, c) for c in calls]
+    for got, exp in zip(outputs, eager, strict=True):
+        torch.testing.assert_close(got, exp, atol=5e-3, rtol=5e-3)
+
+
+@gpu
+def test_eager_patched_forward_has_no_host_sync():
+    unet = bypass_kernels.patch(build_unet("tiny-sd", device="cuda", dtype=torch.float16), SCHEDULE)
+    inputs = example_inputs(unet, batch=2, timestep=torch.tensor([999.0, 500.0], device="cuda"))
+    run_unet(unet, inputs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_unet(unet, inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
