@@ -108,6 +108,12 @@ def cmd_schedule(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from bypass_kernels.export.cli import run_export
+
+    return run_export(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bypass-kernels", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -136,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--json", action="store_true", help="print to_dict() as JSON")
     sched.add_argument("--plot", metavar="PNG", help="write a plot of λ(t)")
     sched.set_defaults(func=cmd_schedule)
+    from bypass_kernels.export.cli import add_export_parser
+
+    add_export_parser(sub, SCHEDULE_HELP, cmd_export)
     return parser
 
 
@@ -143,7 +152,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileExistsError, PermissionError, bypass_kernels.BackendUnavailableError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"bypass-kernels: error: {exc}", file=sys.stderr)
         return 2
 

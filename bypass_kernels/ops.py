@@ -20,7 +20,7 @@ def timestep_weights(table: torch.Tensor, timestep: torch.Tensor, ndim: int) -> 
     """λ per sample as a float32 tensor of shape [n, 1, ..., 1] (n = 1 or batch), ready to broadcast."""
     last = table.shape[0] - 1
     index = timestep.reshape(-1).to(torch.float32).round().clamp(0, last).to(torch.long)
-    return table[index].reshape(-1, *([1] * (ndim - 1)))
+    return table.index_select(0, index).reshape(-1, *([1] * (ndim - 1)))  # ONNX: Gather
 
 
 def blend_reference(

@@ -30,16 +30,18 @@ _ATTR = "_bypass"
 
 
 class _TracedSlot:
-    """The timestep while torch.compile traces: Dynamo records writes to a plain object as side
-    effects, so the compiled graph reads the timestep straight from its own input."""
+    """This call's timestep (and table override) while torch.compile traces: Dynamo records writes
+    to a plain object as side effects, so the compiled graph reads them straight from its inputs."""
 
     timestep = None
+    table = None
 
 
 class _ThreadSlot(threading.local):
-    """The timestep in eager mode: one per thread, so concurrent calls each see their own."""
+    """The same in eager mode: one per thread, so concurrent calls each see their own."""
 
     timestep = None
+    table = None
 
 
 class BypassController(nn.Module):
@@ -81,6 +83,9 @@ class BypassController(nn.Module):
         return self._traced if torch.compiler.is_compiling() else self._eager
 
     def _keep_timestep(self, unet, args, kwargs):
+        # ``bypass_table=`` on the UNet call overrides the table for that call (export uses it to
+        # make the schedule a graph input); it is taken out before the UNet sees its arguments.
+        table = kwargs.pop("bypass_table", None)
         if "timestep" in kwargs:
             timestep = kwargs["timestep"]
         elif len(args) >= 2:
@@ -92,15 +97,22 @@ class BypassController(nn.Module):
             )
         sample = args[0] if args else kwargs.get("sample")
         device = sample.device if isinstance(sample, torch.Tensor) else self.table.device
-        self._slot().timestep = _as_timestep(timestep, device)
+        slot = self._slot()
+        slot.timestep = _as_timestep(timestep, device)
+        slot.table = table
+        return args, kwargs
 
     def _drop_timestep(self, unet, args, kwargs, output):
-        self._slot().timestep = None
+        slot = self._slot()
+        slot.timestep = None
+        slot.table = None
 
     def _blend_mid_block(self, mid_block, args, kwargs, output):
-        timestep = self._slot().timestep
+        slot = self._slot()
+        timestep = slot.timestep
         if timestep is None:  # mid-block called on its own, outside the UNet's forward
             return None
+        table = self.table if slot.table is None else slot.table
         mid_in = args[0] if args else kwargs.get("hidden_states")
         if not isinstance(output, torch.Tensor) or not isinstance(mid_in, torch.Tensor):
             raise TypeError(
@@ -115,8 +127,8 @@ class BypassController(nn.Module):
         if output is mid_in:  # an identity mid-block: the blend is the identity too
             return None
         if torch.is_grad_enabled() and (output.requires_grad or mid_in.requires_grad):
-            return blend(output, mid_in, self.table, timestep, backend=self.backend)
-        blend_(output, mid_in, self.table, timestep, backend=self.backend)
+            return blend(output, mid_in, table, timestep, backend=self.backend)
+        blend_(output, mid_in, table, timestep, backend=self.backend)
         return None
 
     def install(self, unet: nn.Module) -> None:

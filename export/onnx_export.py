@@ -1,0 +1,287 @@
+"""ONNX export of a patched UNet with the bypass schedule baked in, indexed by the graph's own timestep.
+
+The graph follows the names of NVIDIA's TensorRT diffusion demo: inputs ``sample``, ``timestep``,
+``encoder_hidden_states`` (plus ``text_embeds`` and ``time_ids`` for SDXL), output ``latent``. The
+schedule is a float32 initializer ``bypass_schedule`` of length T, or, with
+``schedule_as_input=True``, a graph input of that name. The blend is plain ONNX operators
+(Round, Clip, Cast, Gather, Sub, Mul, Add), so ONNX Runtime and TensorRT fuse it like any other
+pointwise work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bypass_kernels import patching
+from bypass_kernels.schedule import BypassSchedule, default_schedule
+
+MIN_OPSET = 18  # torch's ONNX exporter emits opset 18 and newer (Round itself needs only 11)
+DEFAULT_OPSET = 18
+SCHEDULE_NAME = "bypass_schedule"
+OUTPUT_NAME = "latent"
+
+
+@dataclass
+class ExportResult:
+    path: str
+    input_names: list[str]
+    schedule: BypassSchedule
+    opset: int
+    fp16: bool
+    schedule_as_input: bool
+    files: list[str] = field(default_factory=list)
+
+
+class UNetForExport(nn.Module):
+    """The UNet with the demo's input names; the schedule travels as ``bypass_schedule``."""
+
+    def __init__(self, unet: nn.Module, schedule: BypassSchedule | None):
+        super().__init__()
+        self.unet = unet
+        if schedule is not None:  # baked in: an initializer named after this buffer (persistent
+            # buffers keep their name through export; the wrapper's state_dict is never saved)
+            self.register_buffer(SCHEDULE_NAME, schedule.table())
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+        bypass_schedule: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        table = getattr(self, SCHEDULE_NAME) if bypass_schedule is None else bypass_schedule
+        # One value per sample from [1] or [batch], by gather: this ties no shapes together while
+        # tracing (diffusers' own expand would make the exporter fix timestep_count == batch).
+        timestep = timestep.reshape(-1)
+        count = torch.ones_like(timestep, dtype=torch.long).sum()  # a tensor, not a symbolic int
+        batch_index = torch.minimum(torch.arange(sample.shape[0], device=timestep.device), count - 1)
+        timestep = timestep.index_select(0, batch_index)
+        kwargs = {"bypass_table": table, "return_dict": False}
+        if encoder_hidden_states is not None:
+            kwargs["encoder_hidden_states"] = encoder_hidden_states
+        if text_embeds is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, **kwargs)[0]
+
+
+def export_inputs(unet: nn.Module, *, batch: int = 2, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Example graph inputs by name (float32 ``timestep`` of shape [batch])."""
+    from bypass_kernels.presets import example_inputs
+
+    inputs = example_inputs(unet, batch=batch)
+    named = {"sample": inputs["sample"], "timestep": torch.tensor([999.0] * batch)}
+    if "encoder_hidden_states" in inputs:
+        named["encoder_hidden_states"] = inputs["encoder_hidden_states"]
+    if "added_cond_kwargs" in inputs:
+        named.update(inputs["added_cond_kwargs"])
+    if dtype is not None:
+        named = {k: v if k == "timestep" else v.to(dtype) for k, v in named.items()}
+    return named
+
+
+def _downsampling_factor(unet: nn.Module) -> int:
+    blocks = getattr(unet, "down_blocks", [])
+    return 2 ** sum(1 for b in blocks if getattr(b, "downsamplers", None))
+
+
+def _dynamic_shapes(names, *, factor: int, dynamic_batch: bool, dynamic_shape: bool):
+    Dim = torch.export.Dim
+    batch = Dim("batch", min=1, max=1024)
+    count = Dim("timestep_count", min=1, max=1024)  # one graph takes [1] and [batch]
+    specs: dict[str, dict[int, object]] = {}
+    for name in names:
+        spec: dict[int, object] = {}
+        if name == "timestep":
+            if dynamic_batch:
+                spec[0] = count
+        elif name == SCHEDULE_NAME:
+            spec = {}
+        else:
+            if dynamic_batch:
+                spec[0] = batch
+            if name == "sample" and dynamic_shape:
+                spec[2] = Dim("latent_height", min=1, max=4096 // factor) * factor
+                spec[3] = Dim("latent_width", min=1, max=4096 // factor) * factor
+            if name == "encoder_hidden_states" and dynamic_shape:
+                spec[1] = Dim("sequence", min=1, max=1024)
+        specs[name] = spec or None
+    return specs
+
+
+_DIM_NAMES = {
+    "sample": ["batch", None, "latent_height", "latent_width"],
+    "timestep": ["timestep_count"],
+    "encoder_hidden_states": ["batch", "sequence", None],
+    "text_embeds": ["batch", None],
+    "time_ids": ["batch", None],
+    OUTPUT_NAME: ["batch", None, "latent_height", "latent_width"],
+}
+
+
+def _finish_graph(path: str, schedule: BypassSchedule, *, schedule_as_input: bool) -> None:
+    """Readable dimension names, the schedule under its own name, and metadata for deployment."""
+    import onnx
+
+    from bypass_kernels import __version__
+
+    model = onnx.load(path, load_external_data=False)
+    for value in list(model.graph.input) + list(model.graph.output):
+        for dim, label in zip(value.type.tensor_type.shape.dim, _DIM_NAMES.get(value.name, []), strict=False):
+            if label is not None and not dim.HasField("dim_value"):
+                dim.dim_param = label
+    names = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
+    if SCHEDULE_NAME not in names:
+        raise RuntimeError(f"export: the graph has no {SCHEDULE_NAME!r} (exporter renamed it); please report this")
+    del model.metadata_props[:]
+    for key, value in {
+        "bypass_kernels.version": __version__,
+        "bypass_kernels.schedule": json.dumps(schedule.to_dict()),
+        "bypass_kernels.schedule_as_input": str(schedule_as_input).lower(),
+    }.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save_model(model, path)
+    onnx.checker.check_model(path)
+
+
+def _check_target(path: str, overwrite: bool) -> str:
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise ValueError(f"path: the folder {folder!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"path: the folder {folder!r} is not writable")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"path: {path!r} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    return path
+
+
+@contextlib.contextmanager
+def _export_state(model, schedule):
+    """The UNet patched with ``schedule`` and the plain-torch backend for the duration of the export;
+    the caller's model is left as it was (its own schedule and backend restored, or unpatched)."""
+    unet, _ = patching._find_unet(model)
+    own = patching.get_schedule(unet)
+    if schedule is None:
+        if own is None:
+            schedule = default_schedule()
+            warnings.warn(
+                "to_onnx: the model is not patched and no schedule was given; exporting with default_schedule() "
+                f"= {schedule!r}",
+                stacklevel=3,
+            )
+        else:
+            schedule = own
+    with patching.patched(unet, schedule, backend="torch"):
+        yield unet, schedule
+
+
+def to_onnx(
+    model,
+    path: str,
+    schedule: BypassSchedule | None = None,
+    *,
+    opset: int | None = None,
+    fp16: bool = False,
+    dynamic_batch: bool = True,
+    dynamic_shape: bool = True,
+    schedule_as_input: bool = False,
+    overwrite: bool = False,
+    batch: int = 2,
+) -> ExportResult:
+    """Export ``model`` (a UNet or a pipeline) to ONNX at ``path`` with the bypass in the graph.
+
+    A patched model exports with its own schedule; ``schedule=`` exports with that one instead;
+    an unpatched model with no schedule exports with :func:`default_schedule` and warns. The
+    model itself is not changed. ``fp16`` exports half-precision weights and activations; the
+    ``timestep`` input is float32 either way. Models over 2 GB get their weights in
+    ``<path>.data`` beside the graph. On error no file is left behind.
+    """
+    import onnx  # noqa: F401  (fail early with the install hint below)
+
+    opset = DEFAULT_OPSET if opset is None else opset
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset: the graph needs ONNX opset {MIN_OPSET} or newer, got {opset!r}")
+    if schedule is not None and not isinstance(schedule, BypassSchedule):
+        raise TypeError(f"schedule: expected a BypassSchedule, got {type(schedule).__name__}")
+    patching._find_unet(model)  # a clear error for objects with no mid-block, before touching files
+    path = _check_target(path, overwrite)
+
+    with _export_state(model, schedule) as (unet, schedule):
+        source = copy.deepcopy(unet).half() if fp16 else unet  # the copy keeps the patch; its table stays fp32
+        dtype = torch.float16 if fp16 else None
+        wrapper = UNetForExport(source, None if schedule_as_input else schedule).eval()
+        inputs = export_inputs(source, batch=batch, dtype=dtype)
+        if schedule_as_input:
+            inputs[SCHEDULE_NAME] = schedule.table()
+        dynamic = _dynamic_shapes(
+            inputs, factor=_downsampling_factor(source), dynamic_batch=dynamic_batch, dynamic_shape=dynamic_shape
+        )
+        staging = tempfile.mkdtemp(prefix=".bypass_export_", dir=os.path.dirname(path))
+        try:
+            staged = os.path.join(staging, os.path.basename(path))
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    wrapper,
+                    (),
+                    staged,
+                    kwargs=inputs,
+                    input_names=list(inputs),
+                    output_names=[OUTPUT_NAME],
+                    dynamic_shapes=dynamic,
+                    opset_version=opset,
+                    dynamo=True,
+                    external_data=True,
+                    verbose=False,
+                )
+            _finish_graph(staged, schedule, schedule_as_input=schedule_as_input)
+            files = []
+            for name in sorted(os.listdir(staging)):
+                target = os.path.join(os.path.dirname(path), name)
+                if os.path.exists(target) and not overwrite:
+                    raise FileExistsError(f"{target!r} exists; pass overwrite=True to replace it")
+                os.replace(os.path.join(staging, name), target)
+                files.append(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(path, list(inputs), schedule, opset, fp16, schedule_as_input, files)
+
+
+def onnxruntime_session(path: str, providers: list[str] | None = None):
+    """An ONNX Runtime session, on CUDA where the CUDA provider is present, else on the CPU."""
+    import onnxruntime as ort
+
+    if providers is None:
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return ort.InferenceSession(path, providers=providers)
+
+
+def run_onnx(session, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run ``session`` on named torch inputs (only those the graph takes); returns ``latent``."""
+    wanted = {i.name for i in session.get_inputs()}
+    feeds = {k: v.detach().cpu().numpy() for k, v in inputs.items() if k in wanted}
+    return torch.from_numpy(session.run([OUTPUT_NAME], feeds)[0])
+
+
+def reference_output(unet: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the graph should compute: the patched PyTorch model on the same named inputs."""
+    wrapper = UNetForExport(unet, None)
+    table = inputs.get(SCHEDULE_NAME)
+    if table is None:
+        table = patching._controller(unet).table
+    args = {k: v for k, v in inputs.items() if k != SCHEDULE_NAME}
+    with torch.no_grad():
+        return wrapper(**args, bypass_schedule=table)
