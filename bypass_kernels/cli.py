@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import torch
 
@@ -35,35 +34,18 @@ def _dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def denoise(unet, scheduler, inputs: dict, steps: int, *, on_step=None) -> torch.Tensor:
-    """A plain DDIM loop over ``inputs`` (from presets.example_inputs); returns the final latents."""
-    scheduler.set_timesteps(steps, device=inputs["sample"].device)
-    latents = inputs["sample"] * scheduler.init_noise_sigma
-    extra = {k: v for k, v in inputs.items() if k not in ("sample", "timestep")}
-    for i, t in enumerate(scheduler.timesteps):
-        start = time.perf_counter()
-        with torch.inference_mode():
-            noise = unet(scheduler.scale_model_input(latents, t), t, **extra, return_dict=False)[0]
-            latents = scheduler.step(noise, t, latents).prev_sample
-        if latents.device.type == "cuda":
-            torch.cuda.synchronize()
-        if on_step is not None:
-            on_step(i, t, time.perf_counter() - start)
-    return latents
-
-
 def cmd_run(args) -> int:
-    from diffusers import DDIMScheduler
-
     from bypass_kernels.presets import example_inputs, load_unet
+    from bypass_kernels.sampling import ddim_sample
 
     device, dtype = _device(args.device), _dtype(args.dtype)
     unet = load_unet(args.model, dtype=dtype, device=device)
-    scheduler = DDIMScheduler(num_train_timesteps=1000)
-    schedule = BypassSchedule.parse(args.schedule, num_train_timesteps=scheduler.config.num_train_timesteps)
+    schedule = BypassSchedule.parse(args.schedule)
     inputs = example_inputs(unet, batch=args.batch, seed=args.seed)
+    noise = inputs.pop("sample")
+    inputs.pop("timestep")
 
-    baseline = None if args.no_baseline else denoise(unet, scheduler, inputs, args.steps)
+    baseline = None if args.no_baseline else ddim_sample(unet, noise, args.steps, extra=inputs)
     bypass_kernels.patch(unet, schedule, backend=args.backend)
     backend = bypass_kernels.backends.resolve(args.backend, device)
     print(f"model {args.model} on {device} ({args.dtype}), batch {args.batch}, {args.steps} DDIM steps")
@@ -74,10 +56,77 @@ def cmd_run(args) -> int:
     def show(i, t, seconds):
         print(f"{i:>4}  {int(t):>8}  {schedule.weight(t):>7.4f}  {seconds * 1e3:>8.2f}", flush=True)
 
-    latents = denoise(unet, scheduler, inputs, args.steps, on_step=show)
+    latents = ddim_sample(unet, noise, args.steps, extra=inputs, on_step=show)
     if baseline is not None:
         diff = (latents.float() - baseline.float()).abs()
         print(f"final latents vs the unpatched model: mean |diff| {diff.mean():.4g}, max {diff.max():.4g}")
+    return 0
+
+
+def shipped_model_folder() -> str:
+    import os
+
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes16")
+
+
+def _image_grid(rows: list[torch.Tensor], path: str, labels: list[str]) -> None:
+    """Rows of images in [-1, 1] ([n, 3, H, W] each) into one PNG, a label above each row."""
+    from PIL import Image, ImageDraw
+
+    scale, pad, label_h = 4, 2, 14
+    n, _, h, w = rows[0].shape
+    cols = min(n, 16)
+    lines = (n + cols - 1) // cols
+    cell_w, cell_h = w * scale + pad, h * scale + pad
+    canvas = Image.new("RGB", (cols * cell_w + pad, len(rows) * (lines * cell_h + label_h) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    y0 = pad
+    for images, label in zip(rows, labels, strict=True):
+        draw.text((pad, y0), label, fill="black")
+        y0 += label_h
+        pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for i, array in enumerate(pixels):
+            tile = Image.fromarray(array).resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(tile, (pad + (i % cols) * cell_w, y0 + (i // cols) * cell_h))
+        y0 += lines * cell_h
+    canvas.save(path)
+
+
+def cmd_generate(args) -> int:
+    import os
+
+    from diffusers import UNet2DModel
+
+    from bypass_kernels.sampling import ddim_sample, seeded_noise
+    from bypass_kernels.shapes import GROUPS, group_counts, read_attributes
+
+    folder = args.model or shipped_model_folder()
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(
+            f"model: no diffusers model at {folder!r}"
+            + ("" if args.model else "; the shipped checkpoint is missing (python benchmarks/bias_experiment.py)")
+        )
+    if UNet2DModel.load_config(folder).get("_class_name") != "UNet2DModel":
+        raise ValueError("model: generate takes an unconditional UNet2DModel folder (e.g. a DDPM checkpoint)")
+    device = _device(args.device)
+    unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).to(device).float().eval()
+    schedule = BypassSchedule.parse(args.schedule)
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    noise = seeded_noise(args.n, shape, args.seed, device)
+    plain = torch.cat([ddim_sample(unet, x, args.steps) for x in noise])
+    with bypass_kernels.patched(unet, schedule):
+        bypassed = torch.cat([ddim_sample(unet, x, args.steps) for x in noise])
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "grid.png")
+    _image_grid([plain[:64], bypassed[:64]], path, ["without bypass", f"with bypass: {schedule!r}"])
+    print(f"model {folder}, {args.n} samples, {args.steps} DDIM steps, seed {args.seed}")
+    if shape == (3, 16, 16):
+        width = max(len(g) for g in GROUPS) + 2
+        counts = [group_counts(read_attributes(x)["group"]) for x in (plain, bypassed)]
+        print(f"{'group':<{width}} {'without':>8} {'with':>8}")
+        for name in (*GROUPS, "invalid"):
+            print(f"{name:<{width}} {counts[0][name]:>8} {counts[1][name]:>8}")
+    print(f"wrote {path}")
     return 0
 
 
@@ -131,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     run.add_argument("--no-baseline", action="store_true", help="skip the unpatched comparison run")
     run.set_defaults(func=cmd_run)
+
+    gen = sub.add_parser("generate", help="images with and without bypass from the shipped model, offline")
+    gen.add_argument("--out", default="generated", help="output folder (grid.png)")
+    gen.add_argument("--model", default=None, help="a local UNet2DModel folder (default: the shipped shapes model)")
+    gen.add_argument("--schedule", default="default", help=SCHEDULE_HELP)
+    gen.add_argument("--n", type=int, default=256, help="samples per setting")
+    gen.add_argument("--steps", type=int, default=25)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto")
+    gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="backends available here")
     info.add_argument("--json", action="store_true")

@@ -13,13 +13,17 @@ import torch
 
 from bypass_kernels import backends
 
-__all__ = ["blend", "blend_", "blend_reference", "timestep_weights"]
+__all__ = ["blend", "blend_", "blend_reference", "timestep_index_tensor", "timestep_weights"]
+
+
+def timestep_index_tensor(timestep: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    """Table indices [n]: float32, round half to even, clamp to [0, T-1] (ONNX: Round, Clip, Cast)."""
+    return timestep.reshape(-1).to(torch.float32).round().clamp(0, num_train_timesteps - 1).to(torch.long)
 
 
 def timestep_weights(table: torch.Tensor, timestep: torch.Tensor, ndim: int) -> torch.Tensor:
     """λ per sample as a float32 tensor of shape [n, 1, ..., 1] (n = 1 or batch), ready to broadcast."""
-    last = table.shape[0] - 1
-    index = timestep.reshape(-1).to(torch.float32).round().clamp(0, last).to(torch.long)
+    index = timestep_index_tensor(timestep, table.shape[0])
     return table.index_select(0, index).reshape(-1, *([1] * (ndim - 1)))  # ONNX: Gather
 
 

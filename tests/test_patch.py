@@ -371,3 +371,15 @@ def test_missing_timestep_is_a_clear_error():
     assert torch.equal(toy.mid_block(h), expected)  # the mid-block on its own, outside the UNet: untouched
     with pytest.raises(TypeError, match="called without a timestep"):
         toy(sample=torch.randn(1, 4, 3, 3))
+
+
+def test_bypass_table_keyword_overrides_the_table_for_one_call(tiny_sd):
+    inputs = example_inputs(tiny_sd, batch=2, timestep=torch.tensor([999, 400]))
+    other = BypassSchedule.cosine(0.9, t_min=200)
+    expected = reference(tiny_sd, inputs, other.weight)
+    patch(tiny_sd, BypassSchedule.constant(0.1))
+    got = run_unet(tiny_sd, inputs, bypass_table=other.table())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert tiny_sd._bypass._eager.table is None  # dropped after the call
+    default = reference(unpatch(copy.deepcopy(tiny_sd)), inputs, BypassSchedule.constant(0.1).weight)
+    torch.testing.assert_close(run_unet(tiny_sd, inputs), default, atol=1e-5, rtol=1e-5)

@@ -14,16 +14,29 @@
 namespace bypass_kernels {
 namespace {
 
+// The timestep as float32, read in place (no converted copy per call) for the common dtypes.
+float timestep_value(const at::Tensor& t, int64_t i) {
+  const int64_t offset = i * t.stride(0);
+  switch (t.scalar_type()) {
+    case at::kFloat: return t.const_data_ptr<float>()[offset];
+    case at::kDouble: return static_cast<float>(t.const_data_ptr<double>()[offset]);
+    case at::kHalf: return static_cast<float>(t.const_data_ptr<at::Half>()[offset]);
+    case at::kBFloat16: return static_cast<float>(t.const_data_ptr<at::BFloat16>()[offset]);
+    case at::kInt: return static_cast<float>(t.const_data_ptr<int32_t>()[offset]);
+    case at::kLong: return static_cast<float>(t.const_data_ptr<int64_t>()[offset]);
+    default: return t.reshape({-1})[i].to(at::kFloat).item<float>();
+  }
+}
+
 std::vector<float> sample_weights(const at::Tensor& table, const at::Tensor& timestep) {
-  const auto t = timestep.reshape({-1}).to(at::kFloat).contiguous();
+  const auto t = timestep.reshape({-1});  // a view for 0-d and 1-d timesteps
   const auto tab = table.contiguous();
-  const float* tp = t.data_ptr<float>();
-  const float* wp = tab.data_ptr<float>();
+  const float* wp = tab.const_data_ptr<float>();
   const float last = static_cast<float>(tab.numel() - 1);
   std::vector<float> out(t.numel());
   for (int64_t i = 0; i < t.numel(); ++i) {
     // nearbyint rounds half to even in the default rounding mode; fmax/fmin map NaN to 0.
-    const float r = std::fmin(std::fmax(std::nearbyint(tp[i]), 0.0f), last);
+    const float r = std::fmin(std::fmax(std::nearbyint(timestep_value(t, i)), 0.0f), last);
     out[i] = wp[static_cast<int64_t>(r)];
   }
   return out;
