@@ -209,3 +209,28 @@ def test_cuda_backends_do_not_sync():
             blend_(m, h, table, 999, backend=backend)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_missing_native_extension_never_breaks_import():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, bypass_kernels as bk\n"
+        "r = bk.info()\n"
+        "cpu = r['backends']['cpu']\n"
+        "assert not cpu['available'] and 'BYPASS_KERNELS_DISABLE_NATIVE' in cpu['reason']\n"
+        "assert r['auto']['cpu'] == 'torch'\n"
+        "m, h = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)\n"
+        "out = bk.blend_(m.clone(), h, torch.ones(1000), 5)\n"
+        "assert torch.equal(out, h)\n"
+        "try:\n"
+        "    bk.blend_(m, h, torch.ones(1000), 5, backend='cpu')\n"
+        "except bk.BackendUnavailableError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    env = {**os.environ, "BYPASS_KERNELS_DISABLE_NATIVE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refused: backend 'cpu' is unavailable: disabled by BYPASS_KERNELS_DISABLE_NATIVE" in out.stdout
