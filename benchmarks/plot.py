@@ -39,6 +39,16 @@ def grouped_bars(ax, categories, series):
     ax.grid(axis="y", alpha=0.3)
 
 
+def save(fig, title, csv_path):
+    """The figure beside its CSV, as PNG; returns the PNG's path."""
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = csv_path.replace(".csv", ".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_microbench(path):
     rows = latest(read(path), ("provider", "size", "dtype", "mode"))
     modes = sorted({r["mode"] for r in rows})
@@ -62,12 +72,7 @@ def plot_microbench(path):
             ax.set_ylabel("median µs per blend (log)")
             ax.set_title(f"{dtype}, {mode}", fontsize=9)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"bypass blend: {rows[0]['device']} (torch {rows[0]['torch']})", fontsize=10)
-    fig.tight_layout()
-    out = path.replace(".csv", ".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, f"bypass blend: {rows[0]['device']} (torch {rows[0]['torch']})", path)
 
 
 def plot_unet_step(path):
@@ -85,12 +90,7 @@ def plot_unet_step(path):
         ax.set_ylabel("median ms per UNet step")
         ax.set_title(model, fontsize=9)
         ax.legend(fontsize=6)
-    fig.suptitle(f"UNet step: {rows[0]['device']} (torch {rows[0]['torch']})", fontsize=10)
-    fig.tight_layout()
-    out = path.replace(".csv", ".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, f"UNet step: {rows[0]['device']} (torch {rows[0]['torch']})", path)
 
 
 def main():
