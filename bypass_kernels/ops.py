@@ -46,9 +46,12 @@ def _as_timestep(timestep, device: torch.device) -> torch.Tensor:
     return torch.full((), float(timestep), dtype=torch.float32, device=device)
 
 
-def _check(mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, timestep: torch.Tensor) -> None:
+def _require_tensors(mid_out, mid_in) -> None:
     if not isinstance(mid_out, torch.Tensor) or not isinstance(mid_in, torch.Tensor):
-        raise TypeError("mid_out and mid_in: expected tensors")
+        raise TypeError(f"mid_out and mid_in: expected tensors, got {type(mid_out).__name__}, {type(mid_in).__name__}")
+
+
+def _check(mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, timestep: torch.Tensor) -> None:
     if mid_out.shape != mid_in.shape:
         raise ValueError(
             f"mid_out and mid_in must have the same shape (the mid-block must keep its input's shape), "
@@ -83,6 +86,7 @@ def blend_(
     Arithmetic is float32; the result is stored in ``mid_out``'s dtype. NaN timesteps are not
     defined (the native kernels read λ at index 0 for them; they never read outside the table).
     """
+    _require_tensors(mid_out, mid_in)
     name = backends.resolve(backend, mid_out.device)
     timestep = _as_timestep(timestep, mid_out.device)
     _check(mid_out, mid_in, table, timestep)
@@ -103,6 +107,7 @@ def blend(
     mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, timestep, *, backend: str = "auto"
 ) -> torch.Tensor:
     """Out-of-place :func:`blend_`; differentiable through the torch path when gradients are needed."""
+    _require_tensors(mid_out, mid_in)
     if _needs_autograd(mid_out, mid_in, table):
         timestep = _as_timestep(timestep, mid_out.device)
         _check(mid_out, mid_in, table, timestep)
