@@ -330,6 +330,8 @@ def main() -> None:
             else:
                 with patched(unet, schedule):
                     images = sample(unet, args.samples, args.sample_steps, args.seed + 10_000, device)
+            # Kept beside the model, so the metrics can be recomputed without sampling again.
+            torch.save(images.half(), os.path.join(args.runs, f"depth{depth}", f"samples-{name.replace(':', '_')}.pt"))
             row = {
                 "depth": depth,
                 "setting": name,
