@@ -281,7 +281,9 @@ def default_schedule(*, num_train_timesteps: int = 1000) -> BypassSchedule:
     """This package's own starting point, not a value from the paper: ``linear(0.3, t_min=T/2)``.
 
     λ rises from 0 at the middle of the timestep range to 0.3 at the noisiest timestep, so the
-    bypass acts only on the high-noise half of sampling and fades out as the image forms.
+    bypass acts only on the high-noise half of sampling and fades out as the image forms. The
+    project's own experiment (README, "Evidence") does not support any non-zero strength on its
+    synthetic data; tune on your model.
     """
     T = _check_T(num_train_timesteps)
     return BypassSchedule.linear(0.3, t_min=T // 2, num_train_timesteps=T)

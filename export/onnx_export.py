@@ -64,9 +64,11 @@ class UNetForExport(nn.Module):
         table = getattr(self, SCHEDULE_NAME) if bypass_schedule is None else bypass_schedule
         # One value per sample from [1] or [batch], by gather: this ties no shapes together while
         # tracing (diffusers' own expand would make the exporter fix timestep_count == batch).
+        # Float32 arithmetic (exact at these sizes) keeps the graph to ops every runtime has in float.
         timestep = timestep.reshape(-1)
-        count = torch.ones_like(timestep, dtype=torch.long).sum()  # a tensor, not a symbolic int
-        batch_index = torch.minimum(torch.arange(sample.shape[0], device=timestep.device), count - 1)
+        count = torch.ones_like(timestep, dtype=torch.float32).sum()  # a tensor, not a symbolic int
+        positions = torch.arange(sample.shape[0], device=timestep.device, dtype=torch.float32)
+        batch_index = torch.minimum(positions, count - 1).to(torch.long)
         timestep = timestep.index_select(0, batch_index)
         kwargs = {"bypass_table": table, "return_dict": False}
         if encoder_hidden_states is not None:
