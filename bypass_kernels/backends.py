@@ -112,10 +112,10 @@ def resolve(name: str, device: torch.device) -> str:
     """The concrete backend for one call on ``device``."""
     if name == "auto":
         return "torch" if torch.compiler.is_compiling() else auto_choice(device.type)
-    if not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        check_name(name)  # no device queries inside a traced region
+    else:
         require(name, device.type)
-    elif name not in NAMES:
-        check_name(name)
     return name
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -64,8 +65,6 @@ def cmd_run(args) -> int:
 
 
 def shipped_model_folder() -> str:
-    import os
-
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes16")
 
 
@@ -93,8 +92,6 @@ def _image_grid(rows: list[torch.Tensor], path: str, labels: list[str]) -> None:
 
 
 def cmd_generate(args) -> int:
-    import os
-
     from diffusers import UNet2DModel
 
     from bypass_kernels.sampling import ddim_sample, seeded_noise

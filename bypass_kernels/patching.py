@@ -196,10 +196,8 @@ def _check_schedule(schedule, owner) -> BypassSchedule:
             f"schedule: expected a BypassSchedule (e.g. BypassSchedule.linear(0.3, t_min=500)), "
             f"got {type(schedule).__name__}"
         )
-    scheduler = getattr(owner, "scheduler", None)
-    config = getattr(scheduler, "config", None)
-    T = getattr(config, "num_train_timesteps", None) if config is not None else None
-    if isinstance(T, int) and schedule.num_train_timesteps != T:
+    T = _scheduler_T(owner)
+    if T is not None and schedule.num_train_timesteps != T:
         raise ValueError(
             f"schedule: built for num_train_timesteps={schedule.num_train_timesteps}, but the pipeline's scheduler "
             f"has {T}; build it with num_train_timesteps={T}"
@@ -216,10 +214,11 @@ def _controller(model) -> BypassController | None:
     return controller if isinstance(controller, BypassController) else None
 
 
-def _scheduler_T(owner) -> int:
+def _scheduler_T(owner) -> int | None:
+    """The pipeline scheduler's num_train_timesteps, or None (a bare UNet has no scheduler)."""
     config = getattr(getattr(owner, "scheduler", None), "config", None)
     T = getattr(config, "num_train_timesteps", None) if config is not None else None
-    return T if isinstance(T, int) else 1000
+    return T if isinstance(T, int) else None
 
 
 # --------------------------------------------------------------------- public API
@@ -232,7 +231,8 @@ def patch(model, schedule: BypassSchedule | None = None, *, backend: str = "auto
     stacks. Returns ``model``. On any error the model is left exactly as it was.
     """
     unet, owner = _find_unet(model)
-    schedule = default_schedule(num_train_timesteps=_scheduler_T(owner)) if schedule is None else schedule
+    if schedule is None:
+        schedule = default_schedule(num_train_timesteps=_scheduler_T(owner) or 1000)
     schedule = _check_schedule(schedule, owner)
     _check_mid_block_shape(unet.mid_block)
     device = _model_device(unet)
