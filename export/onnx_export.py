@@ -271,11 +271,30 @@ def onnxruntime_session(path: str, providers: list[str] | None = None):
     return ort.InferenceSession(path, providers=providers)
 
 
+_ORT_FLOAT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+
+
 def run_onnx(session, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Run ``session`` on named torch inputs (only those the graph takes); returns ``latent``."""
-    wanted = {i.name for i in session.get_inputs()}
-    feeds = {k: v.detach().cpu().numpy() for k, v in inputs.items() if k in wanted}
+    """Run ``session`` on named torch inputs (only those the graph takes, each cast to the float
+    type the graph declares, so fp32 inputs feed an fp16 graph too); returns ``latent``."""
+    feeds = {}
+    for spec in session.get_inputs():
+        if spec.name in inputs:
+            value = inputs[spec.name].detach().cpu()
+            feeds[spec.name] = value.to(_ORT_FLOAT_TYPES.get(spec.type, value.dtype)).numpy()
     return torch.from_numpy(session.run([OUTPUT_NAME], feeds)[0])
+
+
+def max_relative_error(session, unet: nn.Module, inputs: dict[str, torch.Tensor], timesteps) -> float:
+    """Largest error of the graph against the patched PyTorch model over ``timesteps`` (each a list of
+    values: [1] or one per sample), relative to the largest output magnitude."""
+    worst = 0.0
+    for t in timesteps:
+        named = {**inputs, "timestep": torch.tensor(t)}
+        expected = reference_output(unet, named).float()
+        got = run_onnx(session, named).float()
+        worst = max(worst, float((got - expected).abs().max() / expected.abs().max()))
+    return worst
 
 
 def reference_output(unet: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
