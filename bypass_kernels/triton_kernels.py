@@ -24,12 +24,32 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _sample_weight(table_ptr, T, timestep_ptr, offset):
     t = tl.load(timestep_ptr + offset).to(tl.float32)
-    # Round half to even without libdevice (portable to the interpreter).
-    r = tl.floor(t + 0.5)
-    r = tl.where((r - t == 0.5) & (r % 2 != 0), r - 1.0, r)
-    r = tl.minimum(tl.maximum(r, 0.0), (T - 1).to(tl.float32))
-    idx = tl.minimum(tl.maximum(r.to(tl.int64), 0), T - 1)  # integer clamp: never read outside the table
-    return tl.load(table_ptr + idx)
+    # Round half to even without libdevice (portable to the interpreter), in integers after a float
+    # clamp that keeps the conversion exact; NaN ends at index 0. Never reads outside the table.
+    f = tl.floor(t + 0.5)
+    f = tl.minimum(tl.maximum(f, -1.0), T.to(tl.float32))
+    i = f.to(tl.int32)
+    i = tl.where((f - t == 0.5) & (i % 2 != 0), i - 1, i)
+    return tl.load(table_ptr + tl.minimum(tl.maximum(i, 0), T - 1))
+
+
+@triton.jit
+def _mul_rn(a, b):
+    # PTX mul.rn is never contracted into an FMA, and without .ftz keeps subnormals (libdevice's
+    # mul_rn compiles to mul.rn.ftz under Triton's default flags).
+    return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mix(m, h, w, ROUNDED_PRODUCTS: tl.constexpr):
+    # Compiled Triton contracts a*b + c*d into an FMA by default, one rounding off the float32
+    # reference; explicitly rounded products keep it equal to the CUDA and CPU kernels. The
+    # interpreter (numpy) never contracts and cannot run PTX.
+    keep = 1.0 - w
+    if ROUNDED_PRODUCTS:
+        return _mul_rn(keep, m) + _mul_rn(w, h)
+    else:
+        return keep * m + w * h
 
 
 @triton.jit
@@ -45,6 +65,7 @@ def blend_kernel(
     PER_SAMPLE: tl.constexpr,  # one timestep per sample (else one for all)
     BLOCK_IN_SAMPLE: tl.constexpr,  # BLOCK divides per_sample: one weight per program
     BLOCK: tl.constexpr,
+    ROUNDED_PRODUCTS: tl.constexpr,  # PTX mul.rn products (compiled kernels; the interpreter has no PTX)
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -59,7 +80,7 @@ def blend_kernel(
     m = tl.load(out_ptr + offs, mask=mask).to(tl.float32)
     h = tl.load(in_ptr + offs, mask=mask).to(tl.float32)
     # The downcast rounds to nearest even on GPUs (the interpreter truncates bf16: tests allow 1 ulp there).
-    tl.store(out_ptr + offs, ((1.0 - w) * m + w * h).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, _mix(m, h, w, ROUNDED_PRODUCTS).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(run, mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, timestep: torch.Tensor) -> None:
@@ -82,6 +103,7 @@ def _launch(run, mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tenso
         PER_SAMPLE=t.numel() > 1,
         BLOCK_IN_SAMPLE=per_sample % block == 0,
         BLOCK=block,
+        ROUNDED_PRODUCTS=not INTERPRET,
         num_warps=8 if block >= 4096 else 4,
     )
 
