@@ -68,8 +68,11 @@ def append_rows(path: str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def median_time_us(fn, device: torch.device, *, warmup: int = 10, reps: int = 100, max_seconds: float = 2.0) -> float:
-    """Median microseconds per call: CUDA events around each call on a GPU, the host clock on the CPU."""
+def median_time_us(
+    fn, device: torch.device, *, warmup: int = 10, reps: int = 100, max_seconds: float = 2.0, min_reps: int = 5
+) -> float:
+    """Median microseconds per call: CUDA events around each call on a GPU, the host clock on the CPU.
+    Stops after ``reps`` calls, or after ``max_seconds`` once ``min_reps`` calls are in."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -83,16 +86,26 @@ def median_time_us(fn, device: torch.device, *, warmup: int = 10, reps: int = 10
             end.record()
             end.synchronize()
             samples.append(start.elapsed_time(end) * 1e3)
-            if time.perf_counter() > budget and len(samples) >= 5:
+            if time.perf_counter() > budget and len(samples) >= min_reps:
                 break
     else:
         for _ in range(reps):
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e6)
-            if time.perf_counter() > budget and len(samples) >= 5:
+            if time.perf_counter() > budget and len(samples) >= min_reps:
                 break
     return statistics.median(samples)
+
+
+def interleaved_median_us(fns: dict, device: torch.device, *, rounds: int = 5, **timing) -> dict:
+    """``{name: median µs per call}``, measured in interleaved rounds so that drift in clock speed or
+    in a shared machine's load falls on every function alike: the median of each round's median."""
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(median_time_us(fn, device, **timing))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def graph_time_us(fn, device: torch.device, *, calls_per_graph: int = 20, reps: int = 50) -> float:

@@ -5,6 +5,8 @@ Baselines, as a user would write them without this package:
   (b) eager_item:  m.lerp_(h, table[idx].item())   (a host sync per call)
   (c) eager_gather: w = table[idx]; m.lerp_(h, w)   (device gather, cast, lerp: no sync)
 Providers of this package: triton, cuda (C++), cpu (C++), torch (plain ops) through blend_().
+Floor: add_floor is m.add_(h), the cheapest in-place op that moves the blend's bytes (read two
+tensors, write one); no blend, eager or fused, can beat it by more than its fixed per-call cost.
 
 Rows go to benchmarks/results/<device>-microbench.csv; plot them with benchmarks/plot.py.
 """
@@ -12,6 +14,7 @@ Rows go to benchmarks/results/<device>-microbench.csv; plot them with benchmarks
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 from common import (
@@ -20,8 +23,8 @@ from common import (
     csv_path,
     environment,
     graph_time_us,
+    interleaved_median_us,
     kernels_per_call,
-    median_time_us,
 )
 
 import bypass_kernels
@@ -49,7 +52,10 @@ def providers(device: torch.device, table, t):
         w = table[timestep_index_tensor(t, table.shape[0])].to(m.dtype)
         return m.lerp_(h, w.reshape(-1, *([1] * (m.dim() - 1))))
 
-    rows = {"eager_3op": eager_3op, "eager_item": eager_item, "eager_gather": eager_gather}
+    def add_floor(m, h):
+        return m.add_(h)
+
+    rows = {"eager_3op": eager_3op, "eager_item": eager_item, "eager_gather": eager_gather, "add_floor": add_floor}
     for name in ("triton", "cuda", "cpu", "torch"):
         try:
             backends.require(name, device.type)
@@ -61,15 +67,16 @@ def providers(device: torch.device, table, t):
     return rows
 
 
-def measure(provider, fn, m, h, device, args, size_name, dtype_name, copy_gbps, env) -> list[dict]:
-    """Time one provider on one (size, dtype): plain launches, and CUDA-graph replay on a GPU."""
+def measure(provider, fn, plain_us, m, h, device, args, size_name, dtype_name, copy_gbps, env) -> list[dict]:
+    """Rows for one provider on one (size, dtype): plain launches (timed by the caller, interleaved
+    with the other providers), and CUDA-graph replay on a GPU."""
     big = m.numel() >= (1 << 24)
     nbytes = 3 * m.numel() * m.element_size()  # read m and h, write m
 
     def call():
         return fn(m, h)
 
-    timings = {"plain": median_time_us(call, device, reps=30 if big else 200)}
+    timings = {"plain": plain_us}
     if device.type == "cuda" and not args.no_graph and provider != "eager_item":  # .item() cannot be captured
         timings["cuda_graph"] = graph_time_us(call, device, calls_per_graph=2 if big else 20)
     kernels = kernels_per_call(call, device)
@@ -125,8 +132,15 @@ def main() -> None:
             dtype = DTYPES[dtype_name]
             m = torch.randn(shape, device=device, dtype=dtype)
             h = torch.randn(shape, device=device, dtype=dtype)
-            for provider, fn in providers(device, table, t).items():
-                rows += measure(provider, fn, m, h, device, args, size_name, dtype_name, copy_gbps, env)
+            fns = providers(device, table, t)
+            big = m.numel() >= (1 << 24)
+            calls = {name: functools.partial(fn, m, h) for name, fn in fns.items()}
+            timing = dict(rounds=3, reps=10, min_reps=2, warmup=2) if big else dict(rounds=7, reps=40, warmup=5)
+            plain = interleaved_median_us(calls, device, max_seconds=1.0, **timing)
+            for provider, fn in fns.items():
+                rows += measure(
+                    provider, fn, plain[provider], m, h, device, args, size_name, dtype_name, copy_gbps, env
+                )
     path = args.out or csv_path(device, "microbench")
     append_rows(path, rows)
     print(f"appended {len(rows)} rows to {path}")

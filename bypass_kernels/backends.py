@@ -93,12 +93,22 @@ def require(name: str, device_type: str | None = None) -> None:
             raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}. See bypass_kernels.info().")
 
 
+_auto_cache: dict[str, str] = {}
+
+
 def auto_choice(device_type: str) -> str:
     """The eager kernel ``auto`` runs on a device type (plain torch ops while tracing).
 
     CUDA: the Triton kernel, else the CUDA C++ kernel, else torch ops. CPU: the C++ kernel, else
-    torch ops (the Triton interpreter is for tests only, never picked).
+    torch ops (the Triton interpreter is for tests only, never picked). Cached per device type:
+    what is installed and visible does not change within a process.
     """
+    if device_type not in _auto_cache:
+        _auto_cache[device_type] = _first_available(device_type)
+    return _auto_cache[device_type]
+
+
+def _first_available(device_type: str) -> str:
     order = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}.get(device_type, ())
     for name in order:
         if name == "triton" and _triton_interpret():

@@ -72,8 +72,8 @@ def _check(mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, tim
         raise ValueError(f"timestep: expected 1 value or one per sample ({mid_out.shape[0]}), got {n}")
 
 
-def _needs_autograd(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _needs_autograd(mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (mid_out.requires_grad or mid_in.requires_grad or table.requires_grad)
 
 
 def blend_(
@@ -90,8 +90,10 @@ def blend_(
     name = backends.resolve(backend, mid_out.device)
     timestep = _as_timestep(timestep, mid_out.device)
     _check(mid_out, mid_in, table, timestep)
-    if name == "torch" or _needs_autograd(mid_out, mid_in, table):
-        return mid_out.copy_(blend_reference(mid_out, mid_in, table, timestep))
+    if _needs_autograd(mid_out, mid_in, table) or (name == "torch" and torch.compiler.is_compiling()):
+        return mid_out.copy_(blend_reference(mid_out, mid_in, table, timestep))  # what compilers fuse
+    if name == "torch":
+        return _blend_torch_eager_(mid_out, mid_in, table, timestep)
     if name == "triton":
         t = timestep if timestep.dtype in backends.triton_timestep_dtypes() else timestep.to(torch.float32)
         if mid_out.dtype in backends.triton_kernel_dtypes() and _flat_layout_ok(mid_out, mid_in, t):
@@ -101,6 +103,17 @@ def blend_(
         return mid_out.copy_(blend_reference(mid_out, mid_in, table, timestep))
     torch.ops.bypass_kernels.blend_(mid_out, mid_in, table, timestep)  # "cpu" / "cuda": falls back in C++
     return mid_out
+
+
+def _blend_torch_eager_(mid_out, mid_in, table, timestep) -> torch.Tensor:
+    """The reference's arithmetic (each product and the sum rounded in float32) with at most two
+    temporaries: fresh large buffers cost page faults on the CPU, which made the reference's six
+    5 to 20 times slower than one lerp_."""
+    lam = timestep_weights(table, timestep, mid_out.dim())
+    if mid_out.dtype == torch.float32:
+        return mid_out.mul_(1.0 - lam).add_(mid_in * lam)
+    out32 = mid_out.to(torch.float32).mul_(1.0 - lam)
+    return mid_out.copy_(out32.add_(mid_in.to(torch.float32).mul_(lam)))
 
 
 def blend(
