@@ -16,7 +16,7 @@ import copy
 import time
 
 import torch
-from common import append_rows, csv_path, environment, kernels_per_call, median_time_us
+from common import append_rows, csv_path, environment, interleaved_median_us, kernels_per_call
 
 import bypass_kernels
 from bypass_kernels import BypassSchedule, backends
@@ -90,22 +90,38 @@ def step_fn(model, inputs, mode, device):
     return graph.replay
 
 
-def ddim_loop_seconds(model, inputs, steps, mode, device):
+def ddim_loop_seconds(run, timestep, steps, device):
+    """Seconds for a ``steps``-step DDIM loop of ``run``, refilling one timestep buffer in place
+    (the pattern that lets a compiled or captured step serve every timestep)."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(steps, device=device)
-    run = step_fn(model, inputs, mode, device)
-    run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for t in scheduler.timesteps:
-        inputs["timestep"].fill_(t)  # one device buffer, refilled: no recompile, no re-capture
+        timestep.fill_(t)  # no recompile, no re-capture
         run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def prepare(model, inputs, mode, device):
+    """``(run, peak MiB)``: the step callable, compiled or captured and warmed up, and the memory it
+    took above what was allocated before (weights excluded)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    run = step_fn(model, inputs, mode, device)
+    for _ in range(3):
+        run()
+    if device.type != "cuda":
+        return run, 0.0
+    torch.cuda.synchronize(device)
+    return run, (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def main() -> None:
@@ -120,6 +136,7 @@ def main() -> None:
         help="variants also run compiled (each compile costs about a minute at SD1.5 size)",
     )
     parser.add_argument("--loop-steps", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds over the variants")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -130,62 +147,56 @@ def main() -> None:
         ["eager", "compile", "reduce-overhead", "cuda_graph"] if device.type == "cuda" else ["eager", "compile"]
     )
     env = environment(device)
-    rows = []
+    path = args.out or csv_path(device, "unet_step")
     for model_name in args.models:
         base = build_unet(model_name, device=device, dtype=dtype)
-        baseline = {}
-        for variant, make in variants(base, model_name, device).items():
-            if args.variants and variant not in args.variants:
-                continue
-            model = make()
-            inputs = example_inputs(model, batch=2)
-            inputs["timestep"] = torch.full((), 999.0, device=device)
-            for mode in modes:
-                if mode in ("compile", "reduce-overhead") and variant not in args.compile_variants:
-                    continue
-                torch._dynamo.reset()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                    base_mem = torch.cuda.memory_allocated(device)
-                with torch.inference_mode():
-                    run = step_fn(model, inputs, mode, device)
-                    ms = median_time_us(run, device, warmup=5, reps=50, max_seconds=20) / 1e3
-                    kernels = kernels_per_call(run, device, calls=3)
-                    loop = ddim_loop_seconds(model, inputs, args.loop_steps, mode, device)
-                peak = (torch.cuda.max_memory_allocated(device) - base_mem) / 2**20 if device.type == "cuda" else 0.0
-                key = (mode,)
-                if variant == "unpatched":
-                    baseline[key] = (ms, loop)
-                ref_ms, ref_loop = baseline.get(key, (ms, loop))
+        makers = {v: make for v, make in variants(base, model_name, device).items() if v in (args.variants or [v])}
+        models = {v: make() for v, make in makers.items()}
+        inputs = example_inputs(base, batch=2)
+        inputs["timestep"] = torch.full((), 999.0, device=device)  # shared by every variant's step
+        for mode in modes:
+            names = [v for v in models if mode not in ("compile", "reduce-overhead") or v in args.compile_variants]
+            if "unpatched" not in names:
+                continue  # overheads are against the unpatched model in the same mode
+            torch._dynamo.reset()
+            with torch.inference_mode():
+                prepared = {v: prepare(models[v], inputs, mode, device) for v in names}
+                runs = {v: run for v, (run, _) in prepared.items()}
+                # Interleaved rounds: clock and load drift fall on every variant alike.
+                us = interleaved_median_us(runs, device, rounds=args.rounds, warmup=3, reps=20, max_seconds=10)
+                kernels = {v: kernels_per_call(runs[v], device, calls=3) for v in names}
+                loops = {v: ddim_loop_seconds(runs[v], inputs["timestep"], args.loop_steps, device) for v in names}
+            rows = []
+            for v in names:
+                ms, ref_ms = us[v] / 1e3, us["unpatched"] / 1e3
                 row = {
                     "model": model_name,
-                    "variant": variant,
+                    "variant": v,
                     "mode": mode,
                     "batch": 2,
                     "dtype": str(dtype)[6:],
                     "latent": f"{inputs['sample'].shape[-2]}x{inputs['sample'].shape[-1]}",
                     "median_ms": round(ms, 4),
                     "overhead_pct": round(100 * (ms / ref_ms - 1), 3),
-                    "kernels_per_step": kernels,
-                    "peak_mib": round(peak, 2),
+                    "kernels_per_step": kernels[v],
+                    "peak_mib": round(prepared[v][1], 2),
                     "loop_steps": args.loop_steps,
-                    "loop_s": round(loop, 4),
-                    "loop_overhead_pct": round(100 * (loop / ref_loop - 1), 3),
+                    "loop_s": round(loops[v], 4),
+                    "loop_overhead_pct": round(100 * (loops[v] / loops["unpatched"] - 1), 3),
                     **env,
                 }
                 rows.append(row)
                 print(
-                    f"{model_name:>8} {variant:>16} {mode:>15}: {ms:9.3f} ms/step ({row['overhead_pct']:+.2f}%), "
-                    f"{kernels:g} kernels, peak {peak:.1f} MiB, {args.loop_steps}-step loop {loop:.3f} s"
+                    f"{model_name:>8} {v:>16} {mode:>15}: {ms:9.3f} ms/step ({row['overhead_pct']:+.2f}%), "
+                    f"{kernels[v]:g} kernels, peak {row['peak_mib']:.1f} MiB, "
+                    f"{args.loop_steps}-step loop {loops[v]:.3f} s"
                 )
-            del model
-        del base
+            append_rows(path, rows)  # per mode: a run cut short keeps what it measured
+            del prepared, runs
+        del models, base
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    path = args.out or csv_path(device, "unet_step")
-    append_rows(path, rows)
-    print(f"appended {len(rows)} rows to {path}")
+    print(f"rows in {path}")
 
 
 if __name__ == "__main__":
