@@ -67,15 +67,11 @@ def providers(device: torch.device, table, t):
     return rows
 
 
-def measure(provider, fn, plain_us, m, h, device, args, size_name, dtype_name, copy_gbps, env) -> list[dict]:
-    """Rows for one provider on one (size, dtype): plain launches (timed by the caller, interleaved
-    with the other providers), and CUDA-graph replay on a GPU."""
+def measure(provider, call, plain_us, m, device, args, size_name, dtype_name, copy_gbps, env) -> list[dict]:
+    """Rows for one provider's ``call`` on ``m``'s (size, dtype): plain launches (timed by the caller,
+    interleaved with the other providers), and CUDA-graph replay on a GPU."""
     big = m.numel() >= (1 << 24)
     nbytes = 3 * m.numel() * m.element_size()  # read m and h, write m
-
-    def call():
-        return fn(m, h)
-
     timings = {"plain": plain_us}
     if device.type == "cuda" and not args.no_graph and provider != "eager_item":  # .item() cannot be captured
         timings["cuda_graph"] = graph_time_us(call, device, calls_per_graph=2 if big else 20)
@@ -132,15 +128,12 @@ def main() -> None:
             dtype = DTYPES[dtype_name]
             m = torch.randn(shape, device=device, dtype=dtype)
             h = torch.randn(shape, device=device, dtype=dtype)
-            fns = providers(device, table, t)
+            calls = {name: functools.partial(fn, m, h) for name, fn in providers(device, table, t).items()}
             big = m.numel() >= (1 << 24)
-            calls = {name: functools.partial(fn, m, h) for name, fn in fns.items()}
             timing = dict(rounds=3, reps=10, min_reps=2, warmup=2) if big else dict(rounds=7, reps=40, warmup=5)
             plain = interleaved_median_us(calls, device, max_seconds=1.0, **timing)
-            for provider, fn in fns.items():
-                rows += measure(
-                    provider, fn, plain[provider], m, h, device, args, size_name, dtype_name, copy_gbps, env
-                )
+            for provider, call in calls.items():
+                rows += measure(provider, call, plain[provider], m, device, args, size_name, dtype_name, copy_gbps, env)
     path = args.out or csv_path(device, "microbench")
     append_rows(path, rows)
     print(f"appended {len(rows)} rows to {path}")

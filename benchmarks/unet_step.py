@@ -150,8 +150,7 @@ def main() -> None:
     path = args.out or csv_path(device, "unet_step")
     for model_name in args.models:
         base = build_unet(model_name, device=device, dtype=dtype)
-        makers = {v: make for v, make in variants(base, model_name, device).items() if v in (args.variants or [v])}
-        models = {v: make() for v, make in makers.items()}
+        models = {v: make() for v, make in variants(base, model_name, device).items() if v in (args.variants or [v])}
         inputs = example_inputs(base, batch=2)
         inputs["timestep"] = torch.full((), 999.0, device=device)  # shared by every variant's step
         for mode in modes:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from triton_ptx import MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def _ptx_ops(ptx: str) -> collections.Counter:
         line = line.strip()
         if line.startswith("@"):
             line = line.split(None, 1)[1]
-        if line and line[0].isalpha() and not line.startswith(("//", ".")):
+        if line and line[0].isalpha():  # not a directive, label, comment or brace
             ops[line.split()[0].rstrip(";")] += 1
     return ops
 
@@ -40,7 +41,6 @@ def _count(ops: collections.Counter, prefix: str) -> int:
 # --- Triton -------------------------------------------------------------------------------------
 
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-TRITON_MODES = ("one-timestep", "per-sample-block", "per-sample-element")  # see triton_ptx.py
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,7 @@ def triton_ptx():
     """PTX of every Triton case, ``{(dtype name, mode, aligned): text}``, compiled in a child process:
     the interpreter (on for the CPU tests) replaces the kernel's functions with numpy ones."""
     pytest.importorskip("triton")
-    cases = [(name, mode, True) for name in TRITON_TYPES.values() for mode in TRITON_MODES] + [
-        ("fp16", "one-timestep", False)
-    ]
+    cases = [(name, mode, True) for name in TRITON_TYPES.values() for mode in MODES] + [("fp16", "one-timestep", False)]
     result = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("triton_ptx.py")), json.dumps(cases)],
         env={**os.environ, "TRITON_INTERPRET": "0"},
@@ -64,7 +62,7 @@ def triton_ptx():
     return {tuple(case): ptx for case, ptx in json.loads(result.stdout)}
 
 
-@pytest.mark.parametrize("mode", TRITON_MODES)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", TRITON_TYPES, ids=TRITON_TYPES.values())
 def test_triton_kernel_compiles_for_sm90_with_wide_accesses_and_no_fma(triton_ptx, dtype, mode):
     ops = _ptx_ops(triton_ptx[(TRITON_TYPES[dtype], mode, True)])
