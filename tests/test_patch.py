@@ -178,18 +178,17 @@ def test_patched_context_manager_restores(tiny_sd):
     assert bypass_kernels.get_schedule(tiny_sd) == BypassSchedule.constant(0.1)
 
 
-def test_table_is_non_persistent_float32_buffer_that_follows_the_model(tiny_sd):
+def test_table_is_float32_on_the_host_and_on_the_device_the_blend_runs(tiny_sd):
     model = copy.deepcopy(tiny_sd)
     keys = list(model.state_dict())
     patch(model)
-    assert list(model.state_dict()) == keys
-    model.to(torch.float16)
-    assert model._bypass.table.dtype == torch.float32
+    assert list(model.state_dict()) == keys and list(model.named_buffers()) == list(tiny_sd.named_buffers())
+    model.to(torch.float16).half().bfloat16()
+    assert model._bypass.table.dtype == torch.float32 and model._bypass.table.device.type == "cpu"
     assert torch.equal(model._bypass.table, bypass_kernels.default_schedule().table())
-    model.half().bfloat16()
-    assert model._bypass.table.dtype == torch.float32
-    model.to("meta")
-    assert model._bypass.table.device.type == "meta"
+    model.to("meta")  # the host copy stays real memory; the blend makes a copy where it runs
+    assert model._bypass.table_on(torch.device("meta")).device.type == "meta"
+    assert torch.equal(model._bypass.table, bypass_kernels.default_schedule().table())
 
 
 def test_fp16_model_runs_patched(tiny_sd):
