@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -q -n 2 --dist loadfile  # two workers; each test file stays on one (shared compiled models)
 
 STAMP := $(VENV)/.bypass_kernels_installed
-SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu)
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.txt csrc/*/*.cpp csrc/*/*.cu)
 
 .PHONY: run test install lint
 

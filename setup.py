@@ -40,6 +40,13 @@ def cpu_isa_flags():
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
 
 
+def nvcc_flags():
+    """nvcc's flags, one file shared with the PTX check in tests/test_codegen.py. No --use_fast_math (it
+    implies -ftz=true, flushing subnormals, and buys nothing for a memory-bound blend)."""
+    with open(os.path.join(ROOT, "csrc", "nvcc_flags.txt"), encoding="utf-8") as f:
+        return f.read().split()
+
+
 def native_extensions():
     if _flag("BYPASS_KERNELS_SKIP_NATIVE"):
         print("bypass_kernels: BYPASS_KERNELS_SKIP_NATIVE is set; building no native extension")
@@ -62,7 +69,7 @@ def native_extensions():
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources.append("csrc/cuda/blend_cuda.cu")
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math"]
+        kwargs["extra_compile_args"]["nvcc"] = nvcc_flags()
         ext_cls = cpp_extension.CUDAExtension
         print(f"bypass_kernels: building CPU + CUDA kernels (CUDA {torch.version.cuda}, {cpp_extension.CUDA_HOME})")
     else:

@@ -17,7 +17,7 @@ if os.environ.get("BYPASS_KERNELS_DISABLE_NATIVE", "0").lower() in ("1", "true",
     load_error = "disabled by BYPASS_KERNELS_DISABLE_NATIVE"
 else:
     try:
-        from bypass_kernels import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+        from bypass_kernels import _C  # loading it runs the TORCH_LIBRARY registrations
     except ImportError as exc:
         load_error = (
             f"native extension not built or not loadable ({exc}); build it with "
@@ -25,6 +25,7 @@ else:
         )
 
 loaded = load_error is None
+eager_blend_ = _C.eager_blend_ if loaded else None  # the op through the dispatcher's unboxed path
 
 
 def has_kernel(dispatch_key: str) -> bool:

@@ -11,14 +11,17 @@ import numbers
 
 import torch
 
-from bypass_kernels import backends
+from bypass_kernels import _native, backends
 
 __all__ = ["blend", "blend_", "blend_reference", "timestep_index_tensor", "timestep_weights"]
 
 
 def timestep_index_tensor(timestep: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    """Table indices [n]: float32, round half to even, clamp to [0, T-1] (ONNX: Round, Clip, Cast)."""
-    return timestep.reshape(-1).to(torch.float32).round().clamp(0, num_train_timesteps - 1).to(torch.long)
+    """Table indices [n]: float32, NaN to 0, round half to even, clamp to [0, T-1] (ONNX: IsNaN/Where,
+    Round, Clip, Cast). NaN reads index 0 on every backend, as the native kernels' fmax/fmin do."""
+    t = timestep.reshape(-1).to(torch.float32)
+    t = torch.where(torch.isnan(t), torch.zeros_like(t), t)
+    return t.round().clamp(0, num_train_timesteps - 1).to(torch.long)
 
 
 def timestep_weights(table: torch.Tensor, timestep: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -68,8 +71,33 @@ def _check(mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, tim
     if table.device != mid_out.device:
         raise ValueError(f"table must be on {mid_out.device}, got {table.device}")
     n = timestep.numel()
-    if n != 1 and n != mid_out.shape[0]:
-        raise ValueError(f"timestep: expected 1 value or one per sample ({mid_out.shape[0]}), got {n}")
+    if timestep.dim() > 1 or (n != 1 and n != mid_out.shape[0]):
+        raise ValueError(
+            f"timestep: expected 1 value or one per sample ({mid_out.shape[0]}) in a 0-d or 1-D tensor, "
+            f"got shape {tuple(timestep.shape)}"
+        )
+    if timestep.is_complex() or timestep.dtype == torch.bool:
+        raise TypeError(f"timestep: expected a real number type, got {timestep.dtype}")
+
+
+def _same_memory(mid_out: torch.Tensor, mid_in: torch.Tensor) -> bool:
+    """True if mid_in is mid_out's own memory (nothing to blend); ValueError on a partial overlap,
+    the rule of torch's own in-place ops (address ranges that intersect)."""
+    if mid_out.numel() == 0 or mid_in.numel() == 0:
+        return False
+    a0, a1 = _address_range(mid_out)
+    b0, b1 = _address_range(mid_in)
+    if a1 <= b0 or b1 <= a0:
+        return False
+    if a0 == b0 and mid_out.stride() == mid_in.stride():
+        return True
+    raise ValueError("mid_out and mid_in overlap in memory (partially); pass separate tensors, or mid_in.clone()")
+
+
+def _address_range(t: torch.Tensor) -> tuple[int, int]:
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    start = t.data_ptr()
+    return start, start + (extent + 1) * t.element_size()
 
 
 def _needs_autograd(mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor) -> bool:
@@ -82,15 +110,23 @@ def blend_(
     """Blend in place: ``mid_out <- (1 - λ)·mid_out + λ·mid_in``; returns ``mid_out``.
 
     λ = ``table[clamp(round_half_to_even(float32(t)), 0, T - 1)]`` per sample; ``timestep`` is a
-    number, a 0-d or [1] tensor (one λ for the batch) or a [batch] tensor (one λ per sample).
-    Arithmetic is float32; the result is stored in ``mid_out``'s dtype. NaN timesteps are not
-    defined (the native kernels read λ at index 0 for them; they never read outside the table).
+    number, a 0-d or [1] tensor (one λ for the batch) or a [batch] tensor (one λ per sample). A NaN
+    timestep reads index 0 (every backend, compiled graphs and exported graphs alike). Arithmetic
+    is float32; the result is stored in ``mid_out``'s dtype. ``mid_in`` may be ``mid_out`` itself
+    (nothing changes); a partial overlap raises ``ValueError``, as torch's in-place ops do.
     """
     _require_tensors(mid_out, mid_in)
     name = backends.resolve(backend, mid_out.device)
-    timestep = _as_timestep(timestep, mid_out.device)
+    if not isinstance(timestep, torch.Tensor) or timestep.device != mid_out.device:
+        timestep = _as_timestep(timestep, mid_out.device)
+    eager = not torch.compiler.is_compiling()
+    if eager and name in _NATIVE and _native.loaded and not _needs_autograd(mid_out, mid_in, table):
+        _native.eager_blend_(mid_out, mid_in, table, timestep)  # checks in C++, one unboxed call
+        return mid_out
     _check(mid_out, mid_in, table, timestep)
-    if _needs_autograd(mid_out, mid_in, table) or (name == "torch" and torch.compiler.is_compiling()):
+    if eager and _same_memory(mid_out, mid_in):
+        return mid_out
+    if _needs_autograd(mid_out, mid_in, table) or (name == "torch" and not eager):
         return mid_out.copy_(blend_reference(mid_out, mid_in, table, timestep))  # what compilers fuse
     if name == "torch":
         return _blend_torch_eager_(mid_out, mid_in, table, timestep)
@@ -101,8 +137,11 @@ def blend_(
             return mid_out
         # Any other dtype or strides: the right answer, written into the caller's tensor.
         return mid_out.copy_(blend_reference(mid_out, mid_in, table, timestep))
-    torch.ops.bypass_kernels.blend_(mid_out, mid_in, table, timestep)  # "cpu" / "cuda": falls back in C++
+    torch.ops.bypass_kernels.blend_(mid_out, mid_in, table, timestep)  # "cpu" / "cuda" traced: the op's fake impl
     return mid_out
+
+
+_NATIVE = ("cpu", "cuda")
 
 
 def _blend_torch_eager_(mid_out, mid_in, table, timestep) -> torch.Tensor:
@@ -130,8 +169,11 @@ def blend(
 
 
 def _flat_layout_ok(mid_out: torch.Tensor, mid_in: torch.Tensor, timestep: torch.Tensor) -> bool:
-    """Same rule as the C++ ``flat_layout_ok``: one flat pass over memory gives the right answer."""
-    if mid_out.stride() != mid_in.stride() or not _non_overlapping_and_dense(mid_out):
+    """Same rule as the C++ ``flat_layout_ok``: one flat pass over memory gives the right answer.
+    Strides of size-1 dimensions never address memory, so only the others must agree."""
+    if not _non_overlapping_and_dense(mid_out) or not _non_overlapping_and_dense(mid_in):
+        return False
+    if any(n != 1 and a != b for n, a, b in zip(mid_out.shape, mid_out.stride(), mid_in.stride(), strict=True)):
         return False
     batch = mid_out.shape[0]
     if timestep.numel() == 1 or batch == 1 or mid_out.numel() == 0:

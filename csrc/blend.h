@@ -6,15 +6,18 @@
 
 namespace bypass_kernels {
 
-// Argument checks shared by every backend; all failures are TORCH_CHECK errors naming the argument.
-void check_blend_args(const at::Tensor& mid_out, const at::Tensor& mid_in, const at::Tensor& table,
+// Argument checks shared by every backend: ValueError/TypeError naming the argument, including a
+// partial overlap of mid_out and mid_in. Returns false when there is nothing to do: mid_in is
+// mid_out's own memory (the blend of a tensor with itself is the tensor).
+bool check_blend_args(const at::Tensor& mid_out, const at::Tensor& mid_in, const at::Tensor& table,
                       const at::Tensor& timestep);
 
 // True when one flat pass over memory is correct: same sizes and strides, dense, and (for
 // per-sample timesteps) each sample a contiguous chunk of numel / batch elements.
 bool flat_layout_ok(const at::Tensor& mid_out, const at::Tensor& mid_in, const at::Tensor& timestep);
 
-// Any-strides fallback with ATen ops; writes the result into mid_out.
+// Any-strides fallback with ATen ops; writes the result into mid_out. NaN timesteps read index 0,
+// like the fused kernels (fmax/fmin), the torch ops and the exported graph.
 void blend_fallback_(at::Tensor& mid_out, const at::Tensor& mid_in, const at::Tensor& table,
                      const at::Tensor& timestep);
 

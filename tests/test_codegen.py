@@ -100,10 +100,13 @@ def test_cuda_kernel_compiles_for_sm90_with_wide_accesses_and_no_fma(tmp_path):
         stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         includes.insert(0, f"-I{tmp_path}")
     ptx_path = tmp_path / "blend_cuda.ptx"
-    command = [nvcc, "-ptx", "-arch=sm_90", "-O3", "-std=c++17", *includes, str(ROOT / "csrc/cuda/blend_cuda.cu")]
+    flags = (ROOT / "csrc/nvcc_flags.txt").read_text().split()  # exactly what setup.py passes
+    assert not {"--use_fast_math", "-use_fast_math", "-ftz=true", "--ftz=true", "-fmad=true"} & set(flags)
+    command = [nvcc, "-ptx", "-arch=sm_90", *flags, "-std=c++17", *includes, str(ROOT / "csrc/cuda/blend_cuda.cu")]
     result = subprocess.run([*command, "-o", str(ptx_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     ptx = ptx_path.read_text()
+    assert ".ftz" not in ptx  # subnormals kept: bit-exact against the float32 reference
     # One wide (16-byte) instantiation per dtype: mid_out read and written, mid_in read (non-coherent).
     wide_kernels = [k for k in ptx.split(".entry")[1:] if "ld.global.nc.v4" in k]
     assert len(wide_kernels) == 3, [k[:80] for k in ptx.split(".entry")[1:]]

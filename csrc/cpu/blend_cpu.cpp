@@ -82,7 +82,7 @@ void blend_flat(at::Tensor& mid_out, const at::Tensor& mid_in, const std::vector
 }
 
 void blend_cpu_(at::Tensor mid_out, const at::Tensor& mid_in, const at::Tensor& table, const at::Tensor& timestep) {
-  check_blend_args(mid_out, mid_in, table, timestep);
+  if (!check_blend_args(mid_out, mid_in, table, timestep)) return;
   if (!kernel_dtype_ok(mid_out.scalar_type()) || !flat_layout_ok(mid_out, mid_in, timestep)) {
     blend_fallback_(mid_out, mid_in, table, timestep);
     return;

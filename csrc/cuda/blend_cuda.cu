@@ -112,7 +112,7 @@ void dispatch_width(at::Tensor& mid_out, const at::Tensor& mid_in, const at::Ten
 }
 
 void blend_cuda_(at::Tensor mid_out, const at::Tensor& mid_in, const at::Tensor& table, const at::Tensor& timestep) {
-  check_blend_args(mid_out, mid_in, table, timestep);
+  if (!check_blend_args(mid_out, mid_in, table, timestep)) return;
   const c10::cuda::CUDAGuard guard(mid_out.device());
   const int kind = timestep_kind(timestep.scalar_type());
   if (!kernel_dtype_ok(mid_out.scalar_type()) || kind < 0 || !table.is_contiguous() ||
