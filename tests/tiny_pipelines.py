@@ -1,0 +1,149 @@
+"""Tiny diffusers pipelines built offline (random weights, a byte-level tokenizer): Stable Diffusion,
+ControlNet and T2I-Adapter, for the model-coverage and offload tests. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bypass_kernels.presets import build_unet
+
+# A UNet whose mid-block receives a T2I-Adapter residual (the T2I-Adapter-XL layout: the adapter has one
+# more feature map than the UNet has down blocks, and the last one matches the mid-block's output).
+ADAPTER_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+
+
+def clip_byte_vocab(folder):
+    """A byte-level CLIP vocabulary with no merges: a real tokenizer with nothing downloaded."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    chars = [chr(c) for c in codes]
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return len(tokens)
+
+
+def sd_components(folder, *, unet=None) -> dict:
+    """vae, text_encoder, tokenizer, unet, scheduler of a tiny Stable Diffusion (latents 16x16 for 32x32 images)."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = clip_byte_vocab(folder)
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=vocab,
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                max_position_embeddings=16,
+                bos_token_id=vocab - 2,
+                eos_token_id=vocab - 1,
+                pad_token_id=vocab - 1,
+            )
+        ).eval()
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(16, 32),
+            latent_channels=4,
+            norm_num_groups=16,
+            sample_size=32,
+        ).eval()
+    return dict(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=build_unet("tiny-sd") if unet is None else unet,
+        scheduler=DDIMScheduler(num_train_timesteps=1000),
+    )
+
+
+def _no_safety(pipe_cls, **components):
+    pipe = pipe_cls(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd_pipeline(folder):
+    from diffusers import StableDiffusionPipeline
+
+    return _no_safety(StableDiffusionPipeline, **sd_components(folder))
+
+
+def controlnet_pipeline(folder):
+    """StableDiffusionControlNetPipeline; the ControlNet's zero convolutions get random weights, so its
+    residuals (the mid-block's included) are not zero."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    components = sd_components(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        controlnet = ControlNetModel.from_unet(components["unet"], conditioning_embedding_out_channels=(16, 32))
+        with torch.no_grad():
+            for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+                module.weight.normal_(0.0, 0.2)
+                module.bias.normal_(0.0, 0.2)
+            controlnet.controlnet_cond_embedding.conv_out.weight.normal_(0.0, 0.2)
+    return _no_safety(StableDiffusionControlNetPipeline, **components, controlnet=controlnet.eval(), image_encoder=None)
+
+
+def adapter_pipeline(folder):
+    """StableDiffusionAdapterPipeline with a full_adapter_xl T2I-Adapter whose last feature map is added to
+    the UNet's mid-block output."""
+    from diffusers import StableDiffusionAdapterPipeline, T2IAdapter, UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        unet = UNet2DConditionModel(**ADAPTER_UNET).eval()
+        adapter = T2IAdapter(
+            in_channels=3,
+            channels=(32, 64, 64, 64),
+            num_res_blocks=1,
+            downscale_factor=4,
+            adapter_type="full_adapter_xl",
+        ).eval()
+    return _no_safety(StableDiffusionAdapterPipeline, **sd_components(folder, unet=unet), adapter=adapter)
+
+
+def condition_image(seed: int = 7):
+    return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def run_pipeline(pipe, *, seed: int = 0, steps: int = 5, **kwargs):
+    """Images (numpy) of one seeded text-to-image call; ControlNet/adapter pipelines get a condition image."""
+    if hasattr(pipe, "controlnet") or hasattr(pipe, "adapter"):
+        kwargs.setdefault("image", condition_image())
+    out = pipe(
+        "a red square",
+        height=32,
+        width=32,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        **kwargs,
+    )
+    return out.images
