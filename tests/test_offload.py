@@ -1,0 +1,238 @@
+"""Patched pipelines under diffusers' offloading (issue 13): enable_model_cpu_offload, enable_sequential_cpu_offload
+and enable_group_offload (block and leaf level, with and without CUDA streams), patched before or after offload is
+enabled. Each gives the images of the non-offloaded patched pipeline, over several calls, and a set_schedule
+between calls takes effect.
+
+On the CPU the offload mechanisms run with the CPU as their execution/onload device: the hooks, the weight
+movement to and from ``meta`` (sequential offload) and the per-call re-installation (model offload) are
+exercised, but a table left on the wrong device cannot show (every device is the CPU) — except with sequential
+offload, whose offloaded weights live on ``meta``. The GPU tests (marked ``gpu``) are the real check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import HAS_CUDA, gpu
+
+import bypass_kernels
+from bypass_kernels import BypassSchedule
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate", reason="diffusers' offloading needs accelerate")
+
+import tiny_pipelines  # noqa: E402
+
+FIRST = BypassSchedule.linear(0.8, t_min=300)
+SECOND = BypassSchedule.constant(0.9)
+ORDERS = ["patch_first", "offload_first"]
+GPU = [pytest.mark.gpu, gpu]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("tokenizer")
+
+
+def expected_images(folder, device):
+    """The non-offloaded patched pipeline on ``device``: images with FIRST, then with SECOND, and unpatched."""
+    pipe = tiny_pipelines.sd_pipeline(folder).to(device)
+    bypass_kernels.patch(pipe, FIRST)
+    first = tiny_pipelines.run_pipeline(pipe)
+    bypass_kernels.set_schedule(pipe, SECOND)
+    second = tiny_pipelines.run_pipeline(pipe)
+    bypass_kernels.unpatch(pipe)
+    plain = tiny_pipelines.run_pipeline(pipe)
+    assert np.abs(first - plain).max() > 1e-2 and np.abs(second - first).max() > 1e-2  # the checks can fail
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def expected_cpu(folder):
+    return expected_images(folder, "cpu")
+
+
+@pytest.fixture(scope="module")
+def expected_cuda(folder):
+    return expected_images(folder, "cuda") if HAS_CUDA else None
+
+
+def enable(pipe, how: str, device: str):
+    if how == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif how == "sequential" and device == "cpu":
+        # pipe.enable_sequential_cpu_offload(device="cpu") executes on torch.device("cpu:0"), and accelerate 1.15
+        # cannot move a weight from "cpu:0" back to meta (set_module_tensor_to_device raises TypeError, patched
+        # or not). So do what it does (diffusers 0.42 pipeline_utils.py:1349-1359) with the device "cpu".
+        from accelerate import cpu_offload
+
+        for model in pipe.components.values():
+            if isinstance(model, torch.nn.Module):
+                cpu_offload(model, torch.device("cpu"), offload_buffers=len(model._parameters) > 0)
+    elif how == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        level, _, stream = how.partition("+")
+        pipe.enable_group_offload(
+            onload_device=torch.device(device),
+            offload_device=torch.device("cpu"),
+            offload_type=level,
+            num_blocks_per_group=1 if level == "block_level" else None,
+            use_stream=stream == "stream",
+        )
+
+
+def check_offloaded(folder, how, order, device, expected):
+    first, second = expected
+    pipe = tiny_pipelines.sd_pipeline(folder)
+    if order == "patch_first":
+        bypass_kernels.patch(pipe, FIRST)
+        enable(pipe, how, device)
+    else:
+        enable(pipe, how, device)
+        bypass_kernels.patch(pipe, FIRST)
+    got = [tiny_pipelines.run_pipeline(pipe), tiny_pipelines.run_pipeline(pipe)]  # hooks re-applied after a call
+    bypass_kernels.set_schedule(pipe, SECOND)
+    got += [tiny_pipelines.run_pipeline(pipe), tiny_pipelines.run_pipeline(pipe)]
+    atol = 1e-5 if device == "cpu" else 1e-3
+    for images, want in zip(got, [first, first, second, second], strict=True):
+        np.testing.assert_allclose(images, want, atol=atol)
+
+
+# ------------------------------------------------------------------------------------------- on the CPU
+CPU_MECHANISMS = ["model", "sequential", "block_level", "leaf_level"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("how", CPU_MECHANISMS)
+def test_offload_on_cpu(folder, expected_cpu, how, order):
+    check_offloaded(folder, how, order, "cpu", expected_cpu)
+
+
+def _group_tensors(unet):
+    """{id(tensor): group} for every tensor a diffusers group-offloading hook moves."""
+    owner = {}
+    for module in unet.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        if hook is None:
+            continue
+        group = hook.group
+        tensors = [*group.parameters, *group.buffers]
+        for member in group.modules:
+            tensors += [*member.parameters(), *member.buffers()]
+        for tensor in tensors:
+            owner[id(tensor)] = group
+    return owner
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("level", ["block_level", "leaf_level"])
+def test_group_offload_onloads_what_patch_added_before_the_mid_block(folder, monkeypatch, level, order):
+    """What the CPU cannot show by the images: every tensor patch() added that a group-offloading group
+    manages must be onloaded by its group, in each UNet call, before the mid-block runs (else it stays on the
+    offload device and the blend on the GPU fails)."""
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+    onloaded = []
+    original = ModuleGroup.onload_
+
+    def spy(group):
+        onloaded.append(group)
+        return original(group)
+
+    monkeypatch.setattr(ModuleGroup, "onload_", spy)
+    pipe = tiny_pipelines.sd_pipeline(folder)
+    unet = pipe.unet
+    before = {id(t) for t in [*unet.parameters(), *unet.buffers()]}
+    if order == "patch_first":
+        bypass_kernels.patch(pipe, FIRST)
+        enable(pipe, level, "cpu")
+    else:
+        enable(pipe, level, "cpu")
+        bypass_kernels.patch(pipe, FIRST)
+    added = [t for t in [*unet.parameters(), *unet.buffers()] if id(t) not in before]
+    assert added, "patch() added no tensor to the UNet; update this test to where the table lives"
+    owners = _group_tensors(unet)
+    missing = []
+
+    def at_unet(module, args, kwargs):
+        onloaded.clear()
+
+    def at_mid_block(module, args, kwargs):
+        for tensor in added:
+            group = owners.get(id(tensor))
+            if group is not None and not any(g is group for g in onloaded):
+                missing.append(tuple(tensor.shape))
+
+    handles = [
+        unet.register_forward_pre_hook(at_unet, with_kwargs=True, prepend=True),
+        unet.mid_block.register_forward_pre_hook(at_mid_block, with_kwargs=True),
+    ]
+    try:
+        tiny_pipelines.run_pipeline(pipe, steps=2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not missing, f"tensors added by patch() but not onloaded before the mid-block: {missing}"
+
+
+def test_patch_after_sequential_offload_does_not_put_the_table_on_meta(folder):
+    """enable_sequential_cpu_offload leaves the weights on ``meta``; a table placed by the first parameter's
+    device lands there too, and the blend cannot read it."""
+    pipe = tiny_pipelines.sd_pipeline(folder)
+    enable(pipe, "sequential", "cpu")
+    before = {id(t) for t in pipe.unet.buffers()}
+    bypass_kernels.patch(pipe, FIRST)
+    added = [t for t in pipe.unet.buffers() if id(t) not in before]
+    assert all(t.device.type != "meta" for t in added)
+
+
+# ------------------------------------------------------------------------------------------- on a GPU
+GPU_MECHANISMS = [
+    "model",
+    "sequential",
+    "block_level",
+    "leaf_level",
+    "block_level+stream",
+    "leaf_level+stream",
+]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("how", GPU_MECHANISMS)
+@pytest.mark.gpu
+@gpu
+def test_offload_on_gpu(folder, expected_cuda, how, order):
+    check_offloaded(folder, how, order, "cuda", expected_cuda)
+
+
+@pytest.mark.parametrize("level", ["block_level+stream", "leaf_level+stream"])
+@pytest.mark.gpu
+@gpu
+def test_set_schedule_inside_a_streamed_call_is_not_undone(folder, expected_cuda, level):
+    """A set_schedule made while the table's group is onloaded (here: from a step-end callback, i.e.
+    between two UNet calls of one pipeline call) holds for the rest of the call and the next call: the
+    pinned CPU copy that streamed group offload keeps must not overwrite it."""
+    second = expected_cuda[1]
+    pipe = tiny_pipelines.sd_pipeline(folder)
+    bypass_kernels.patch(pipe, FIRST)
+    enable(pipe, level, "cuda")
+
+    def switch(pipeline, step, timestep, kwargs):
+        if step == 0:
+            bypass_kernels.set_schedule(pipeline, SECOND)
+        return {}
+
+    tiny_pipelines.run_pipeline(pipe, callback_on_step_end=switch)
+    np.testing.assert_allclose(tiny_pipelines.run_pipeline(pipe), second, atol=1e-3)
