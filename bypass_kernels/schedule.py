@@ -76,6 +76,24 @@ def _as_float_list(values: Any, name: str) -> list[float]:
     return out
 
 
+def _freeze(value: Any) -> Any:
+    """A deep copy in which lists are tuples and mappings are plain dicts (held privately)."""
+    if isinstance(value, Mapping):
+        return {k: _freeze(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """A fresh JSON-style deep copy of a frozen value: tuples become lists, dicts new dicts."""
+    if isinstance(value, dict):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
 class BypassSchedule:
     """λ(t) for the mid-block bypass ``m' = (1 - λ)·m + λ·h`` (see METHOD.md).
 
@@ -88,11 +106,23 @@ class BypassSchedule:
     __slots__ = ("_T", "_params", "_shape", "_table")
 
     def __init__(self, shape: str, params: Mapping[str, Any], num_train_timesteps: int, table: torch.Tensor):
-        # Use the constructors; this one trusts its arguments.
-        self._shape = shape
-        self._params = dict(params)
-        self._T = num_train_timesteps
-        self._table = table  # float32, CPU, length T; never handed out without a copy
+        # Use the constructors; this one trusts its arguments. A schedule is a value: it keeps its
+        # own frozen copy of every input (lists become tuples, mappings are copied) and hands out
+        # only fresh containers (to_dict, table), so nothing outside can change it after this.
+        object.__setattr__(self, "_shape", shape)
+        object.__setattr__(self, "_params", _freeze(params))
+        object.__setattr__(self, "_T", num_train_timesteps)
+        object.__setattr__(self, "_table", table.detach().to("cpu", torch.float32, copy=True))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"BypassSchedule is immutable: cannot set {name!r}; build a new schedule instead")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"BypassSchedule is immutable: cannot delete {name!r}")
+
+    def __reduce__(self):
+        # pickle and copy rebuild through from_dict (validated), not by setting attributes
+        return (_from_dict, (self.to_dict(),))
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -196,11 +226,12 @@ class BypassSchedule:
 
     # ----------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe description (fresh containers on every call): ``from_dict(to_dict())`` is exact."""
         d: dict[str, Any] = {"shape": self._shape, "num_train_timesteps": self._T}
         if self._shape == "table":
             d["values"] = self._table.tolist()
         else:
-            d.update(self._params)
+            d.update(_thaw(self._params))
         return d
 
     @classmethod
@@ -275,6 +306,10 @@ class BypassSchedule:
             f"BypassSchedule.{self._shape}(strength={p['strength']:g}, t_min={p['t_min']}, t_max={p['t_max']},"
             f" num_train_timesteps={T})"
         )
+
+
+def _from_dict(data: Mapping[str, Any]) -> BypassSchedule:
+    return BypassSchedule.from_dict(data)
 
 
 def default_schedule(*, num_train_timesteps: int = 1000) -> BypassSchedule:

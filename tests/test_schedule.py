@@ -131,3 +131,58 @@ def test_parse_specs(tmp_path):
 def test_bad_arguments_name_the_parameter(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+VALUE_SCHEDULES = [
+    BypassSchedule.constant(0.1),
+    BypassSchedule.cosine(0.4, t_min=10, t_max=900),
+    BypassSchedule.from_table([0.5] * 1000),
+    BypassSchedule.from_steps([999.0, 500.5], [0.2, 0.1]),
+]
+
+
+@pytest.mark.parametrize("schedule", VALUE_SCHEDULES, ids=lambda s: s.shape)
+def test_to_dict_hands_out_fresh_containers(schedule):
+    before, h, table = schedule.to_dict(), hash(schedule), schedule.table()
+    d = schedule.to_dict()
+    for value in d.values():
+        if isinstance(value, list):
+            value[0] = 0.75 if not isinstance(value[0], list) else [0.75]
+            value.append(0.5)
+    d["shape"], d["num_train_timesteps"] = "constant", 7
+    assert schedule.to_dict() == before and hash(schedule) == h and torch.equal(schedule.table(), table)
+    assert schedule.to_dict() is not schedule.to_dict()
+
+
+def test_inputs_are_copied():
+    timesteps, strengths = [999.0, 500.5], [0.2, 0.1]
+    steps = BypassSchedule.from_steps(timesteps, strengths)
+    values = torch.full((1000,), 0.5)
+    table = BypassSchedule.from_table(values)
+    expected_steps, expected_table, h = steps.to_dict(), table.table(), hash(steps)
+    timesteps[0], strengths[0] = 3.0, 0.9
+    timesteps.append(1.0)
+    values.fill_(0.0)
+    assert steps.to_dict() == expected_steps and hash(steps) == h and steps.weight(999) == pytest.approx(0.2)
+    assert torch.equal(table.table(), expected_table)
+
+
+def test_a_schedule_cannot_be_changed_after_construction():
+    s = BypassSchedule.from_steps([999.0, 500.5], [0.2, 0.1])
+    before = s.to_dict()
+    for name in ("_params", "_table", "_shape", "_T", "anything"):
+        with pytest.raises(AttributeError, match="immutable"):
+            setattr(s, name, None)
+        with pytest.raises(AttributeError, match="immutable"):
+            delattr(s, name)
+    assert s.to_dict() == before
+
+
+@pytest.mark.parametrize("schedule", VALUE_SCHEDULES, ids=lambda s: s.shape)
+def test_pickle_and_copy_give_equal_values(schedule):
+    import copy
+    import pickle
+
+    for again in (pickle.loads(pickle.dumps(schedule)), copy.deepcopy(schedule), copy.copy(schedule)):
+        assert again == schedule and hash(again) == hash(schedule)
+        assert torch.equal(again.table(), schedule.table())
