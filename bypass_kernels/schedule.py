@@ -19,45 +19,83 @@ import torch
 
 __all__ = ["BypassSchedule", "default_schedule", "timestep_index"]
 
-_SHAPES = ("constant", "linear", "cosine", "table", "steps")
+# to_dict()/from_dict() keys per shape: (required, optional), besides "shape"
+_KEYS = {
+    "constant": (("strength",), ("t_min", "t_max", "num_train_timesteps")),
+    "linear": (("strength",), ("t_min", "t_max", "num_train_timesteps")),
+    "cosine": (("strength",), ("t_min", "t_max", "num_train_timesteps")),
+    "table": (("values",), ("num_train_timesteps",)),
+    "steps": (("timesteps", "strengths"), ("num_train_timesteps",)),
+}
 
 
 def timestep_index(t: float, num_train_timesteps: int) -> int:
     """Table index of one timestep: float32, round half to even, clamp to [0, T-1]."""
+    T = _check_T(num_train_timesteps)
     if isinstance(t, torch.Tensor):
         if t.numel() != 1:
             raise ValueError(f"timestep: expected a single value, got shape {tuple(t.shape)}")
-        t = t.reshape(())
-    value = torch.as_tensor(t).to(torch.float32).round()
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"timestep: expected a real number, got a {t.dtype} tensor")
+        value = t.detach().reshape(()).to("cpu", torch.float32)
+    elif isinstance(t, bool) or not isinstance(t, numbers.Real):
+        raise TypeError(f"timestep: expected a number or a one-element tensor, got {t!r}")
+    else:
+        try:
+            value = torch.tensor(float(t), dtype=torch.float32)
+        except OverflowError:  # an int beyond float64 is beyond float32 too: it clamps like ±inf
+            value = torch.tensor(math.inf if t > 0 else -math.inf, dtype=torch.float32)
+    value = value.round()
     if torch.isnan(value):
         raise ValueError("timestep: got NaN")
-    return int(value.clamp(0, num_train_timesteps - 1))
+    return int(value.clamp(0, T - 1))
+
+
+# float32 holds every integer up to 2**24 exactly; a table longer than that has entries that
+# idx = round(float32(t)) can never reach.
+MAX_TRAIN_TIMESTEPS = 2**24
+
+
+def _r(value: Any) -> str:
+    """repr for an error message, shortened (a 400-digit int stays readable)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
+
+
+def _float(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name}: {_r(value)} is too large for a float") from None
 
 
 def _check_T(num_train_timesteps: Any) -> int:
     if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, numbers.Integral):
-        raise TypeError(f"num_train_timesteps: expected an int, got {num_train_timesteps!r}")
-    if num_train_timesteps < 2:
-        raise ValueError(f"num_train_timesteps: expected at least 2, got {num_train_timesteps}")
+        raise TypeError(f"num_train_timesteps: expected an int, got {_r(num_train_timesteps)}")
+    if not 2 <= num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
+        raise ValueError(
+            f"num_train_timesteps: expected an int in [2, 2**24] (float32 timesteps are exact up to 2**24),"
+            f" got {_r(num_train_timesteps)}"
+        )
     return int(num_train_timesteps)
 
 
 def _check_strength(strength: Any, name: str = "strength") -> float:
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
-        raise TypeError(f"{name}: expected a number in [0, 1], got {strength!r}")
-    value = float(strength)
+        raise TypeError(f"{name}: expected a number in [0, 1], got {_r(strength)}")
+    value = _float(strength, name)
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}: expected a finite number in [0, 1], got {strength!r}")
+        raise ValueError(f"{name}: expected a finite number in [0, 1], got {_r(strength)}")
     return value
 
 
 def _check_timestep_bound(value: Any, name: str, T: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected an integer timestep in [0, {T - 1}], got {value!r}")
-    if not float(value).is_integer():
-        raise ValueError(f"{name}: expected an integer timestep, got {value!r}")
+        raise TypeError(f"{name}: expected an integer timestep in [0, {T - 1}], got {_r(value)}")
+    if not isinstance(value, numbers.Integral) and not _float(value, name).is_integer():
+        raise ValueError(f"{name}: expected an integer timestep, got {_r(value)}")
     if not 0 <= value <= T - 1:
-        raise ValueError(f"{name}: expected a timestep in [0, {T - 1}] (T = num_train_timesteps), got {value!r}")
+        raise ValueError(f"{name}: expected a timestep in [0, {T - 1}] (T = num_train_timesteps), got {_r(value)}")
     return int(value)
 
 
@@ -71,8 +109,8 @@ def _as_float_list(values: Any, name: str) -> list[float]:
     out = []
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"{name}[{i}]: expected a number, got {v!r}")
-        out.append(float(v))
+            raise TypeError(f"{name}[{i}]: expected a number, got {_r(v)}")
+        out.append(_float(v, f"{name}[{i}]"))
     return out
 
 
@@ -214,7 +252,16 @@ class BypassSchedule:
 
     def table(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The float32 table of length T (a new tensor each call)."""
-        return self._table.to(device=device, copy=True)
+        if device is not None and not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device: expected a torch.device or a string, got {device!r}")
+        try:
+            device = None if device is None else torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"device: {exc}") from None
+        try:
+            return self._table.to(device=device, copy=True)
+        except (AssertionError, RuntimeError) as exc:  # e.g. "Torch not compiled with CUDA enabled"
+            raise ValueError(f"device: cannot use {str(device)!r} here: {exc}") from None
 
     def weight(self, t) -> float:
         """λ at timestep t, exactly as every backend reads it from the table."""
@@ -236,11 +283,21 @@ class BypassSchedule:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BypassSchedule:
+        """The schedule described by ``data`` (a :meth:`to_dict` result); every key is checked."""
         if not isinstance(data, Mapping):
             raise TypeError(f"expected a mapping from to_dict(), got {type(data).__name__}")
-        shape = data.get("shape")
-        if shape not in _SHAPES:
-            raise ValueError(f"shape: expected one of {', '.join(_SHAPES)}, got {shape!r}")
+        if "shape" not in data:
+            raise ValueError("schedule: missing key 'shape'")
+        shape = data["shape"]
+        if shape not in _KEYS:
+            raise ValueError(f"shape: expected one of {', '.join(_KEYS)}, got {shape!r}")
+        required, optional = _KEYS[shape]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"{shape} schedule: missing key {missing[0]!r} (it needs {', '.join(required)})")
+        unknown = sorted(str(k) for k in data if k not in required and k not in optional and k != "shape")
+        if unknown:
+            raise ValueError(f"{shape} schedule: unexpected key {unknown[0]!r}")
         T = data.get("num_train_timesteps", 1000)
         if shape == "table":
             return cls.from_table(data["values"], num_train_timesteps=T)
@@ -267,10 +324,14 @@ class BypassSchedule:
         if text in ("off", "none"):
             return cls.constant(0.0, num_train_timesteps=num_train_timesteps)
         if text.startswith("{"):
-            return cls.from_dict(json.loads(text))
+            return cls.from_dict(_json_object(text, "schedule spec"))
         if text.endswith(".json") or os.path.isfile(text):
-            with open(text, encoding="utf-8") as f:
-                return cls.from_dict(json.load(f))
+            try:
+                with open(text, encoding="utf-8") as f:
+                    content = f.read()
+            except OSError as exc:
+                raise ValueError(f"schedule spec: cannot read {text!r}: {exc.strerror or exc}") from None
+            return cls.from_dict(_json_object(content, f"schedule spec {text!r}"))
         parts = text.split(":")
         if parts[0] not in ("constant", "linear", "cosine") or not 2 <= len(parts) <= 4:
             raise ValueError(
@@ -308,6 +369,13 @@ class BypassSchedule:
         )
 
 
+def _json_object(text: str, name: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, and ints past Python's digit limit
+        raise ValueError(f"{name}: invalid JSON: {exc}") from None
+
+
 def _from_dict(data: Mapping[str, Any]) -> BypassSchedule:
     return BypassSchedule.from_dict(data)
 
@@ -321,4 +389,4 @@ def default_schedule(*, num_train_timesteps: int = 1000) -> BypassSchedule:
     synthetic data; tune on your model.
     """
     T = _check_T(num_train_timesteps)
-    return BypassSchedule.linear(0.3, t_min=T // 2, num_train_timesteps=T)
+    return BypassSchedule.linear(0.3, t_min=min(T // 2, T - 2), num_train_timesteps=T)

@@ -30,6 +30,18 @@ def test_formulas_against_method(shape):
     assert s.weight(800) == pytest.approx(0.6)
 
 
+@pytest.mark.parametrize("T", [2, 3, 4, 1000, 1001])
+def test_default_schedule_for_every_valid_T(T):
+    s = default_schedule(num_train_timesteps=T)
+    assert s.weight(T - 1) == pytest.approx(0.3) and s.weight(0) == 0.0 and s.table().shape == (T,)
+
+
+def test_huge_timesteps_clamp_like_infinity():
+    s = BypassSchedule.from_table(torch.linspace(0, 1, 1000))
+    assert s.weight(10**400) == s.weight(float("inf")) == 1.0
+    assert s.weight(-(10**400)) == s.weight(float("-inf")) == 0.0
+
+
 def test_t_max_none_means_last_timestep():
     s = BypassSchedule.linear(1.0, num_train_timesteps=50)
     assert s.to_dict()["t_max"] == 49 and s.weight(49) == 1.0 and s.weight(0) == 0.0
@@ -126,6 +138,37 @@ def test_parse_specs(tmp_path):
         (lambda: BypassSchedule.from_steps([10.4, 9.6], [0.1, 0.2]), ValueError, "rounds to index"),
         (lambda: BypassSchedule.linear(0.3, num_train_timesteps=1), ValueError, "num_train_timesteps"),
         (lambda: BypassSchedule.from_dict({"shape": "zigzag"}), ValueError, "shape"),
+        # a JSON spec missing a key names the key (was KeyError); a misspelt key is refused
+        (lambda: BypassSchedule.from_dict({"strength": 0.1}), ValueError, "missing key 'shape'"),
+        (lambda: BypassSchedule.from_dict({"shape": "linear"}), ValueError, "missing key 'strength'"),
+        (lambda: BypassSchedule.from_dict({"shape": "table"}), ValueError, "missing key 'values'"),
+        (lambda: BypassSchedule.from_dict({"shape": "steps", "timesteps": [9]}), ValueError, "missing key 'strengths'"),
+        (lambda: BypassSchedule.parse('{"shape": "cosine"}'), ValueError, "missing key 'strength'"),
+        (lambda: BypassSchedule.parse('{"shape": "linear", "strength": 0.1, "t_mn": 5}'), ValueError, "'t_mn'"),
+        (lambda: BypassSchedule.from_dict([("shape", "linear")]), TypeError, "mapping"),
+        # integers too large for a float name the parameter (was OverflowError)
+        (lambda: BypassSchedule.linear(10**400), ValueError, "strength"),
+        (lambda: BypassSchedule.linear(0.3, t_min=10**400), ValueError, "t_min"),
+        (lambda: BypassSchedule.linear(0.3, t_max=-(10**400)), ValueError, "t_max"),
+        (lambda: BypassSchedule.from_steps([10**400], [0.1]), ValueError, r"timesteps\[0\]"),
+        (lambda: BypassSchedule.from_steps([9], [10**400]), ValueError, r"strengths\[0\]"),
+        (lambda: BypassSchedule.from_table([10**400] * 1000), ValueError, r"values\[0\]"),
+        (lambda: BypassSchedule.constant(0.1, num_train_timesteps=10**400), ValueError, "num_train_timesteps"),
+        (lambda: BypassSchedule.constant(0.1, num_train_timesteps=2**24 + 1), ValueError, "num_train_timesteps"),
+        (lambda: BypassSchedule.parse('{"shape": "linear", "strength": 1' + "0" * 400 + "}"), ValueError, "strength"),
+        (lambda: BypassSchedule.parse('{"shape": "linear", "strength": 1' + "0" * 5000 + "}"), ValueError, "JSON"),
+        (lambda: BypassSchedule.parse("linear:0.3:1" + "0" * 400), ValueError, "t_min"),
+        (lambda: BypassSchedule.parse('{"shape": "linear", "strength": 0.1'), ValueError, "invalid JSON"),
+        (lambda: BypassSchedule.parse("no/such/schedule.json"), ValueError, "cannot read"),
+        (lambda: BypassSchedule.parse(3), TypeError, "schedule spec"),
+        (lambda: BypassSchedule.constant(0.1).weight("5"), TypeError, "timestep"),
+        (lambda: BypassSchedule.constant(0.1).weight(None), TypeError, "timestep"),
+        (lambda: BypassSchedule.constant(0.1).weight(torch.tensor(True)), TypeError, "timestep"),
+        (lambda: BypassSchedule.constant(0.1).weight(torch.zeros(2)), ValueError, "timestep"),
+        (lambda: BypassSchedule.constant(0.1).weight(float("nan")), ValueError, "timestep"),
+        (lambda: timestep_index(5, 1), ValueError, "num_train_timesteps"),
+        (lambda: BypassSchedule.constant(0.1).table(3), TypeError, "device"),
+        (lambda: BypassSchedule.constant(0.1).table("bogus"), ValueError, "device"),
     ],
 )
 def test_bad_arguments_name_the_parameter(call, exc, match):
