@@ -25,6 +25,58 @@ SCHEDULE_HELP = (
 MODEL_HELP = "a preset (tiny-sd, tiny-sdxl, tiny-unet2d, sd15, sdxl) or a local diffusers UNet/pipeline folder"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every usage error on one line of stderr (exit status 2, no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**63), got {text}")
+    return value
+
+
+def _device_name(text: str) -> str:
+    """A --device value, checked against this machine before any model is loaded."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: {why} (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if not callable(getattr(backend, "is_available", None)) or not backend.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} is not available here")
+    return text
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,8 +92,8 @@ def cmd_run(args) -> int:
     from bypass_kernels.sampling import ddim_sample
 
     device, dtype = _device(args.device), _dtype(args.dtype)
+    schedule = BypassSchedule.parse(args.schedule)  # a bad spec fails before the model loads
     unet = load_unet(args.model, dtype=dtype, device=device)
-    schedule = BypassSchedule.parse(args.schedule)
     inputs = example_inputs(unet, batch=args.batch, seed=args.seed)
     noise = inputs.pop("sample")
     inputs.pop("timestep")
@@ -161,19 +213,17 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bypass-kernels", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = _Parser(prog="bypass-kernels", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="patch a UNet and run a short DDIM loop (the main job)")
     run.add_argument("--model", default="tiny-sd", help=MODEL_HELP)
     run.add_argument("--schedule", default="default", help=SCHEDULE_HELP)
-    run.add_argument("--steps", type=int, default=20)
-    run.add_argument("--batch", type=int, default=2)
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--steps", type=_positive_int, default=20)
+    run.add_argument("--batch", type=_positive_int, default=2)
+    run.add_argument("--seed", type=_seed, default=0)
     run.add_argument("--backend", default="auto", choices=bypass_kernels.backends.NAMES)
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    run.add_argument("--device", type=_device_name, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     run.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     run.add_argument("--no-baseline", action="store_true", help="skip the unpatched comparison run")
     run.set_defaults(func=cmd_run)
@@ -182,10 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="generated", help="output folder (grid.png)")
     gen.add_argument("--model", default=None, help="a local UNet2DModel folder (default: the shipped shapes model)")
     gen.add_argument("--schedule", default="default", help=SCHEDULE_HELP)
-    gen.add_argument("--n", type=int, default=256, help="samples per setting")
-    gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--device", default="auto")
+    gen.add_argument("--n", type=_positive_int, default=256, help="samples per setting")
+    gen.add_argument("--steps", type=_positive_int, default=25)
+    gen.add_argument("--seed", type=_seed, default=0)
+    gen.add_argument("--device", type=_device_name, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="backends available here")
@@ -209,7 +259,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
-        print(f"bypass-kernels: error: {exc}", file=sys.stderr)
+        print(f"bypass-kernels {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bypass_kernels.cli import main
 
@@ -72,3 +73,60 @@ def test_generate_default_runs_the_shipped_trained_model(tmp_path, capsys):
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}
     valid_without = sum(int(rows[g][0]) for g in ("red_square", "blue_square", "red_circle", "blue_circle"))
     assert valid_without >= 24  # a trained model draws mostly valid shapes; random weights draw none
+
+
+def _cli(*argv):
+    return subprocess.run([sys.executable, "-m", "bypass_kernels.cli", *argv], capture_output=True, text=True)
+
+
+def _assert_one_line_usage_error(code, err, *words):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and lines[0].startswith("bypass-kernels")
+    for word in words:
+        assert word in lines[0], err
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["run", "--steps", "0"], ["--steps", "positive"]),
+        (["run", "--steps", "-3"], ["--steps", "-3"]),
+        (["run", "--steps", "two"], ["--steps"]),
+        (["run", "--batch", "0"], ["--batch"]),
+        (["run", "--seed", str(2**70)], ["--seed"]),
+        (["run", "--device", "bogus"], ["--device", "bogus"]),
+        (["run", "--device", "meta"], ["--device", "meta"]),
+        (["generate", "--steps", "0"], ["--steps", "positive"]),
+        (["generate", "--n", "-1"], ["--n"]),
+        (["run", "--no-such-option"], ["--no-such-option"]),
+        (["schedule", "--num-train-timesteps", "1"], ["num_train_timesteps"]),
+        (["schedule", '{"shape": "linear"}'], ["missing key 'strength'"]),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(argv, words, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    _assert_one_line_usage_error(code, capsys.readouterr().err, *words)
+
+
+def test_run_steps_0_in_a_subprocess_has_no_traceback():
+    out = _cli("run", "--steps", "0")
+    _assert_one_line_usage_error(out.returncode, out.stderr, "--steps")
+    assert out.stdout == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_run_on_cuda_without_cuda_is_a_usage_error():
+    out = _cli("run", "--device", "cuda", "--steps", "2")
+    _assert_one_line_usage_error(out.returncode, out.stderr, "--device", "cuda", "not available")
+    assert out.stdout == ""
+
+
+def test_runtime_errors_are_one_line_too(capsys):
+    # diffusers' own error (more steps than training timesteps) after the model has loaded
+    assert main(["run", "--steps", "1001", "--no-baseline"]) == 2
+    _assert_one_line_usage_error(2, capsys.readouterr().err, "1001")
