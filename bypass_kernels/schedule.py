@@ -8,6 +8,7 @@ exported ONNX/TensorRT graph read λ from that table at
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import numbers
@@ -26,6 +27,10 @@ _KEYS = {
     "cosine": (("strength",), ("t_min", "t_max", "num_train_timesteps")),
     "table": (("values",), ("num_train_timesteps",)),
     "steps": (("timesteps", "strengths"), ("num_train_timesteps",)),
+    "for_scheduler": (
+        ("scheduler", "num_inference_steps", "strength"),
+        ("start", "end", "ramp", "timesteps", "num_train_timesteps"),
+    ),
 }
 
 
@@ -112,6 +117,116 @@ def _as_float_list(values: Any, name: str) -> list[float]:
             raise TypeError(f"{name}[{i}]: expected a number, got {_r(v)}")
         out.append(_float(v, f"{name}[{i}]"))
     return out
+
+
+_RAMPS = ("constant", "linear", "cosine")
+
+
+def _check_scheduler(scheduler: Any) -> tuple[int, str]:
+    config = getattr(scheduler, "config", None)
+    if (
+        isinstance(scheduler, type)
+        or not callable(getattr(scheduler, "set_timesteps", None))
+        or not isinstance(config, Mapping)
+    ):
+        raise TypeError(f"scheduler: expected a diffusers scheduler instance, got {_r(scheduler)}")
+    if "num_train_timesteps" not in config:
+        raise ValueError("scheduler: its config has no num_train_timesteps")
+    try:
+        T = _check_T(config["num_train_timesteps"])
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"scheduler.config.{exc}") from None
+    return T, type(scheduler).__name__
+
+
+def _check_num_inference_steps(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"num_inference_steps: expected a positive int, got {_r(value)}")
+    if value < 1:
+        raise ValueError(f"num_inference_steps: expected a positive int, got {_r(value)}")
+    return int(value)
+
+
+def _check_fraction(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a fraction of sampling in [0, 1], got {_r(value)}")
+    x = _float(value, name)
+    if not math.isfinite(x) or not 0.0 <= x <= 1.0:
+        raise ValueError(f"{name}: expected a fraction of sampling in [0, 1], got {_r(value)}")
+    return x
+
+
+def _check_ramp(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected one of {', '.join(_RAMPS)}, got {_r(value)}")
+    if value not in _RAMPS:
+        raise ValueError(f"{name}: expected one of {', '.join(_RAMPS)}, got {value!r}")
+    return value
+
+
+def _visited_timesteps(scheduler: Any, N: int, T: int) -> list[float]:
+    """``scheduler.timesteps`` after ``set_timesteps(N)``, computed on a deep copy."""
+    work = copy.deepcopy(scheduler)
+    try:
+        work.set_timesteps(N, device="cpu")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"num_inference_steps: {type(scheduler).__name__}.set_timesteps({N}) failed: {exc}") from None
+    timesteps = _as_float_list(work.timesteps, "scheduler.timesteps")
+    if not timesteps:
+        raise ValueError(f"scheduler: set_timesteps({N}) gave no timesteps")
+    for i, t in enumerate(timesteps):
+        if not math.isfinite(t):
+            raise ValueError(f"scheduler.timesteps[{i}]: expected a finite timestep, got {t!r}")
+    return timesteps
+
+
+def _ramp(ramp: str, s: float, a: float, b: float, p: float) -> float:
+    if not a <= p < b:
+        return 0.0
+    if ramp == "constant":
+        return s
+    if ramp == "linear":
+        return s * (b - p) / (b - a)
+    return s * (1.0 + math.cos(math.pi * (p - a) / (b - a))) / 2.0
+
+
+def _per_call_strengths(timesteps: list[float], N: int, s: float, a: float, b: float, ramp: str, T: int):
+    """λ of each call: its step's ramp value, then one value per table index (the last call's)."""
+    L = len(timesteps)
+    own = [_ramp(ramp, s, a, b, (k * N // L) / N) for k in range(L)]
+    indices = [timestep_index(t, T) for t in timesteps]
+    by_index = dict(zip(indices, own, strict=True))  # later calls overwrite: the least noisy wins
+    return [by_index[i] for i in indices]
+
+
+def _build_scheduler(spec: Any, T: int | None) -> Any:
+    """A diffusers scheduler from a class name or a config mapping (``_class_name`` plus settings)."""
+    if isinstance(spec, str):
+        config: dict[str, Any] = {}
+        name = spec
+    elif isinstance(spec, Mapping):
+        config = {str(k): v for k, v in spec.items() if k != "_class_name"}
+        name = spec.get("_class_name")
+        if not isinstance(name, str):
+            raise ValueError("scheduler: a scheduler config needs '_class_name' (e.g. 'EulerDiscreteScheduler')")
+    else:
+        raise TypeError(f"scheduler: expected a diffusers scheduler class name or config, got {_r(spec)}")
+    try:
+        import diffusers
+    except ImportError:
+        raise ValueError(f"scheduler: {name!r} needs diffusers installed (or give the resolved 'timesteps')") from None
+    # only *Scheduler names are looked up: a pipeline or model name would import half of diffusers
+    scheduler_cls = getattr(diffusers, name, None) if name.isidentifier() and name.endswith("Scheduler") else None
+    if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, diffusers.SchedulerMixin)):
+        raise ValueError(f"scheduler: {name!r} is not a diffusers scheduler class (e.g. 'DDIMScheduler')")
+    if T is not None and config.setdefault("num_train_timesteps", T) != T:
+        raise ValueError(
+            f"num_train_timesteps: {T} disagrees with the scheduler config's {config['num_train_timesteps']!r}"
+        )
+    try:
+        return scheduler_cls.from_config(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"scheduler: cannot build {name} from {_r(config)}: {exc}") from None
 
 
 def _freeze(value: Any) -> Any:
@@ -241,6 +356,63 @@ class BypassSchedule:
         params = {"timesteps": ts, "strengths": ss}
         return cls("steps", params, T, table)
 
+    @classmethod
+    def for_scheduler(
+        cls,
+        scheduler,
+        num_inference_steps: int,
+        strength: float,
+        *,
+        start: float = 0.0,
+        end: float = 1.0,
+        shape: str = "linear",
+    ) -> BypassSchedule:
+        """λ by fraction of sampling: active on the part ``[start, end)`` of the scheduler's steps.
+
+        Step i of N = ``num_inference_steps`` (i = 0 the noisiest) has progress p = i/N. On
+        ``start <= p < end``, λ is ``strength`` (``shape="constant"``),
+        ``strength·(end − p)/(end − start)`` (``"linear"``, fading from strength at ``start``) or
+        ``strength·(1 + cos(π(p − start)/(end − start)))/2`` (``"cosine"``); outside it λ is 0.
+
+        The timesteps are those ``scheduler.set_timesteps(num_inference_steps)`` gives, read from a
+        deep copy (the scheduler passed in is not changed). When a scheduler calls the model more
+        than once per step (Heun, KDPM2: ``len(timesteps)`` = L > N), call k belongs to step
+        ``k·N // L``. The result is a per-step table (as :meth:`from_steps`): each visited timestep,
+        at its index ``round_half_to_even(float32(t))``, gets its step's λ; every other index gets 0,
+        so use it with the scheduler and step count it was made for (image-to-image with them
+        visits a tail of the same timesteps and gets their λ).
+
+        Repeated index rule: when several calls land on one index (Heun's corrector of step i
+        runs at step i+1's timestep; Karras sigmas and fractional timesteps can round two steps
+        to one index), the entry takes the λ of the **last, least noisy** of those calls. A
+        timestep is then weighted by where it sits in the schedule: the timestep at which step i
+        starts gets exactly λ(i/N), unless a later step starts at the same index.
+        """
+        T, name = _check_scheduler(scheduler)
+        N = _check_num_inference_steps(num_inference_steps)
+        s = _check_strength(strength)
+        a, b = _check_fraction(start, "start"), _check_fraction(end, "end")
+        if a >= b:
+            raise ValueError(f"start must be below end, got start={a!r}, end={b!r}")
+        ramp = _check_ramp(shape, "shape")
+        return cls._for_visits(name, _visited_timesteps(scheduler, N, T), N, s, a, b, ramp, T)
+
+    @classmethod
+    def _for_visits(cls, name: str, timesteps: list[float], N: int, s: float, a: float, b: float, ramp: str, T: int):
+        strengths = _per_call_strengths(timesteps, N, s, a, b, ramp, T)
+        # the table is the per-step table of from_steps (timesteps outside [0, T-1] read the clamped end)
+        steps = cls.from_steps([min(max(t, 0.0), T - 1.0) for t in timesteps], strengths, num_train_timesteps=T)
+        params = {
+            "scheduler": name,
+            "num_inference_steps": N,
+            "strength": s,
+            "start": a,
+            "end": b,
+            "ramp": ramp,
+            "timesteps": timesteps,
+        }
+        return cls("for_scheduler", params, T, steps._table)
+
     # ----------------------------------------------------------------- accessors
     @property
     def shape(self) -> str:
@@ -298,12 +470,40 @@ class BypassSchedule:
         unknown = sorted(str(k) for k in data if k not in required and k not in optional and k != "shape")
         if unknown:
             raise ValueError(f"{shape} schedule: unexpected key {unknown[0]!r}")
+        if shape == "for_scheduler":
+            return cls._for_scheduler_from_dict(data)
         T = data.get("num_train_timesteps", 1000)
         if shape == "table":
             return cls.from_table(data["values"], num_train_timesteps=T)
         if shape == "steps":
             return cls.from_steps(data["timesteps"], data["strengths"], num_train_timesteps=T)
         return getattr(cls, shape)(data["strength"], data.get("t_min", 0), data.get("t_max"), num_train_timesteps=T)
+
+    @classmethod
+    def _for_scheduler_from_dict(cls, data: Mapping[str, Any]) -> BypassSchedule:
+        N = _check_num_inference_steps(data["num_inference_steps"])
+        s = _check_strength(data["strength"])
+        a, b = _check_fraction(data.get("start", 0.0), "start"), _check_fraction(data.get("end", 1.0), "end")
+        if a >= b:
+            raise ValueError(f"start must be below end, got start={a!r}, end={b!r}")
+        ramp = _check_ramp(data.get("ramp", "linear"), "ramp")
+        spec = data["scheduler"]
+        if "timesteps" not in data:  # a hand-written record: build the scheduler and read its timesteps
+            T = data.get("num_train_timesteps")
+            scheduler = _build_scheduler(spec, None if T is None else _check_T(T))
+            return cls.for_scheduler(scheduler, N, s, start=a, end=b, shape=ramp)
+        # the resolved timesteps are authoritative: no scheduler (nor diffusers) is needed to rebuild
+        T = _check_T(data.get("num_train_timesteps", 1000))
+        name = spec.get("_class_name") if isinstance(spec, Mapping) else spec
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"scheduler: expected a scheduler class name, got {_r(spec)}")
+        timesteps = _as_float_list(data["timesteps"], "timesteps")
+        if not timesteps:
+            raise ValueError("timesteps: expected at least one timestep")
+        for i, t in enumerate(timesteps):
+            if not math.isfinite(t):
+                raise ValueError(f"timesteps[{i}]: expected a finite timestep, got {t!r}")
+        return cls._for_visits(name, timesteps, N, s, a, b, ramp, T)
 
     @classmethod
     def parse(cls, spec: str | Mapping[str, Any] | BypassSchedule | None, *, num_train_timesteps: int = 1000):
@@ -333,6 +533,8 @@ class BypassSchedule:
                 raise ValueError(f"schedule spec: cannot read {text!r}: {exc.strerror or exc}") from None
             return cls.from_dict(_json_object(content, f"schedule spec {text!r}"))
         parts = text.split(":")
+        if parts[0] == "for_scheduler":
+            return cls._parse_for_scheduler(spec, parts[1:], num_train_timesteps)
         if parts[0] not in ("constant", "linear", "cosine") or not 2 <= len(parts) <= 4:
             raise ValueError(
                 f"schedule spec {spec!r}: expected 'default', 'off', 'constant|linear|cosine:STRENGTH[:T_MIN[:T_MAX]]',"
@@ -343,6 +545,26 @@ class BypassSchedule:
         except ValueError:
             raise ValueError(f"schedule spec {spec!r}: STRENGTH is a number, T_MIN and T_MAX integers") from None
         return getattr(cls, parts[0])(*numbers_, num_train_timesteps=num_train_timesteps)
+
+    @classmethod
+    def _parse_for_scheduler(cls, spec: str, parts: list[str], T: int) -> BypassSchedule:
+        if not 3 <= len(parts) <= 6:
+            raise ValueError(
+                f"schedule spec {spec!r}: expected 'for_scheduler:SCHEDULER:STEPS:STRENGTH[:START[:END[:SHAPE]]]'"
+                " (e.g. for_scheduler:EulerDiscreteScheduler:30:0.3:0:0.4:cosine)"
+            )
+        try:
+            steps = int(parts[1])
+        except ValueError:
+            raise ValueError(f"schedule spec {spec!r}: STEPS is an integer, got {parts[1]!r}") from None
+        try:
+            values = [float(p) for p in parts[2:5]]
+        except ValueError:
+            raise ValueError(f"schedule spec {spec!r}: STRENGTH, START and END are numbers") from None
+        start, end = (values[1:] + [0.0, 1.0][len(values) - 1 :])[:2]
+        shape = parts[5] if len(parts) == 6 else "linear"
+        scheduler = _build_scheduler(parts[0], _check_T(T))
+        return cls.for_scheduler(scheduler, steps, values[0], start=start, end=end, shape=shape)
 
     # ----------------------------------------------------------------- dunder
     def __eq__(self, other: object) -> bool:
@@ -359,6 +581,13 @@ class BypassSchedule:
             nz = torch.nonzero(self._table).reshape(-1)
             where = f"nonzero on [{int(nz.min())}, {int(nz.max())}]" if nz.numel() else "all zero"
             return f"BypassSchedule.from_table(<{T} values, max {self.max_strength:.4g}, {where}>)"
+        if self._shape == "for_scheduler":
+            p = self._params
+            return (
+                f"BypassSchedule.for_scheduler(<{p['scheduler']}: {len(p['timesteps'])} timesteps>,"
+                f" num_inference_steps={p['num_inference_steps']}, strength={p['strength']:g}, start={p['start']:g},"
+                f" end={p['end']:g}, shape={p['ramp']!r}, num_train_timesteps={T})"
+            )
         if self._shape == "steps":
             n = len(self._params["timesteps"])
             return f"BypassSchedule.from_steps(<{n} steps, max {self.max_strength:.4g}>, num_train_timesteps={T})"

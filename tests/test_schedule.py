@@ -229,3 +229,277 @@ def test_pickle_and_copy_give_equal_values(schedule):
     for again in (pickle.loads(pickle.dumps(schedule)), copy.deepcopy(schedule), copy.copy(schedule)):
         assert again == schedule and hash(again) == hash(schedule)
         assert torch.equal(again.table(), schedule.table())
+
+
+# ------------------------------------------------------------------ for_scheduler
+
+
+def _ramp(shape, strength, start, end, p):
+    """issue 13's formulas, written out independently of the package."""
+    if not start <= p < end:
+        return 0.0
+    if shape == "constant":
+        return strength
+    if shape == "linear":
+        return strength * (end - p) / (end - start)
+    return strength * (1 + math.cos(math.pi * (p - start) / (end - start))) / 2
+
+
+def _schedulers():
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        HeunDiscreteScheduler,
+        KDPM2DiscreteScheduler,
+    )
+
+    return {
+        "ddim": lambda: DDIMScheduler(num_train_timesteps=1000),
+        "euler": lambda: EulerDiscreteScheduler(num_train_timesteps=1000),
+        "euler-karras": lambda: EulerDiscreteScheduler(num_train_timesteps=1000, use_karras_sigmas=True),
+        "dpm++-karras": lambda: DPMSolverMultistepScheduler(num_train_timesteps=1000, use_karras_sigmas=True),
+        "heun": lambda: HeunDiscreteScheduler(num_train_timesteps=1000),
+        "kdpm2": lambda: KDPM2DiscreteScheduler(num_train_timesteps=1000),
+    }
+
+
+def _visited(scheduler, n):
+    fresh = type(scheduler).from_config(scheduler.config)
+    fresh.set_timesteps(n)
+    return fresh.timesteps.to(torch.float32)
+
+
+@pytest.mark.parametrize("shape", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize(("start", "end"), [(0.0, 1.0), (0.2, 0.7), (0.0, 0.35)])
+def test_for_scheduler_formulas_on_ddim(shape, start, end):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    s = BypassSchedule.for_scheduler(scheduler, 10, 0.6, start=start, end=end, shape=shape)
+    timesteps = _visited(scheduler, 10)
+    assert timesteps.tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    for i, t in enumerate(timesteps):
+        assert s.weight(t) == pytest.approx(_ramp(shape, 0.6, start, end, i / 10), abs=1e-7), i
+    table = s.table()
+    visited = {int(t) for t in timesteps}
+    assert all(table[j] == 0 for j in range(1000) if j not in visited)  # λ = 0 between visited timesteps
+    assert s.max_strength == pytest.approx(0.6) if start in (0.0, 0.2) else True
+    if shape == "linear":  # fading from strength at start
+        assert s.weight(timesteps[round(start * 10)]) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "euler-karras", "dpm++-karras", "heun", "kdpm2"])
+def test_for_scheduler_leaves_the_scheduler_as_it_was(name):
+    scheduler = _schedulers()[name]()
+    initial = (scheduler.num_inference_steps, scheduler.timesteps.clone())  # None unless __init__ sets them
+    untouched = BypassSchedule.for_scheduler(scheduler, 12, 0.5, end=0.5)
+    assert scheduler.num_inference_steps == initial[0] and torch.equal(scheduler.timesteps, initial[1])
+
+    scheduler.set_timesteps(7)
+    t0 = scheduler.timesteps[0]
+    sample = torch.zeros(1, 4, 4, 4)
+    scheduler.step(torch.zeros_like(sample), t0, scheduler.scale_model_input(sample, t0) * 0 + sample)
+    state = {
+        k: (v.clone() if isinstance(v, torch.Tensor) else v)
+        for k, v in vars(scheduler).items()
+        if k in ("timesteps", "sigmas", "_step_index", "_begin_index", "num_inference_steps", "alphas_cumprod")
+    }
+    assert "timesteps" in state and "num_inference_steps" in state
+    config = dict(scheduler.config)
+    s = BypassSchedule.for_scheduler(scheduler, 12, 0.5, end=0.5)
+    for k, v in state.items():
+        now = getattr(scheduler, k)
+        assert torch.equal(now, v) if isinstance(v, torch.Tensor) else now == v, k
+    assert dict(scheduler.config) == config
+    assert s == untouched  # read from the scheduler's config and step count, not its current state
+    assert s.to_dict()["timesteps"] == _visited(scheduler, 12).tolist()
+
+
+@pytest.mark.parametrize("name", ["euler", "euler-karras"])
+def test_for_scheduler_fractional_timesteps(name):
+    scheduler = _schedulers()[name]()
+    n = 7
+    s = BypassSchedule.for_scheduler(scheduler, n, 0.8, start=0.0, end=0.9, shape="cosine")
+    timesteps = _visited(scheduler, n)
+    assert any(not float(t).is_integer() for t in timesteps)  # e.g. 832.5 (a tie) or 936.92
+    table = s.table()
+    for i, t in enumerate(timesteps):
+        index = timestep_index(t, 1000)  # what every backend reads: round half to even in float32
+        assert table[index].item() == pytest.approx(_ramp("cosine", 0.8, 0.0, 0.9, i / n), abs=1e-7)
+        assert s.weight(t) == table[index].item()
+    assert table.count_nonzero() == sum(_ramp("cosine", 0.8, 0.0, 0.9, i / n) > 0 for i in range(n))
+
+
+def test_for_scheduler_euler_ties_round_half_to_even():
+    from diffusers import EulerDiscreteScheduler
+
+    s = BypassSchedule.for_scheduler(EulerDiscreteScheduler(), 7, 0.5, shape="constant")
+    timesteps = s.to_dict()["timesteps"]
+    assert 832.5 in timesteps and 166.5 in timesteps
+    assert s.weight(832) == 0.5 and s.weight(833) == 0.0  # 832.5 -> 832 (even)
+    assert s.weight(166) == 0.5 and s.weight(167) == 0.0  # 166.5 -> 166 (even)
+
+
+def test_for_scheduler_karras_repeated_timestep_takes_the_least_noisy_steps_lambda():
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, use_karras_sigmas=True)
+    s = BypassSchedule.for_scheduler(scheduler, 100, 0.5)
+    timesteps = _visited(scheduler, 100).tolist()
+    repeated = [i for i in range(1, 100) if timesteps[i] == timesteps[i - 1]]
+    assert repeated == [98] and timesteps[97] == timesteps[98] == 1.0  # steps 97 and 98 both at t = 1
+    assert s.weight(1) == pytest.approx(0.5 * (1 - 98 / 100))  # the later, less noisy step's λ
+    assert s.weight(1) != pytest.approx(0.5 * (1 - 97 / 100))
+
+
+def test_for_scheduler_second_order_shared_timestep_is_the_later_steps_start():
+    from diffusers import HeunDiscreteScheduler
+
+    # Heun, 5 steps: calls at 999 | 749.25 749.25 | 499.5 499.5 | 249.75 249.75 | 0 0; the corrector of
+    # step i runs at the timestep where step i+1 starts, so that entry takes step i+1's λ
+    s = BypassSchedule.for_scheduler(HeunDiscreteScheduler(), 5, 0.5, start=0.2, end=0.6, shape="constant")
+    assert s.to_dict()["timesteps"] == [999.0, 749.25, 749.25, 499.5, 499.5, 249.75, 249.75, 0.0, 0.0]
+    assert [s.weight(t) for t in (999, 749.25, 499.5, 249.75, 0)] == [0.0, 0.5, 0.5, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "euler-karras", "dpm++-karras", "heun", "kdpm2"])
+@pytest.mark.parametrize("n", [9, 25])
+def test_for_scheduler_each_step_starts_at_its_own_lambda(name, n):
+    """The rule as a property: the timestep at which step i starts gets exactly λ(i/N), unless a
+    later step starts at the same table index; every call reads a λ of its own step or the next."""
+    scheduler = _schedulers()[name]()
+    s = BypassSchedule.for_scheduler(scheduler, n, 0.7, start=0.1, end=0.8)
+    timesteps = _visited(scheduler, n)
+    calls = len(timesteps)
+    first_call = {}
+    for k in range(calls):
+        first_call.setdefault(k * n // calls, k)
+    assert sorted(first_call) == list(range(n))
+    start_index = {i: timestep_index(timesteps[k], 1000) for i, k in first_call.items()}
+    for i, k in first_call.items():
+        if all(start_index[j] != start_index[i] for j in range(i + 1, n)):
+            assert s.weight(timesteps[k]) == pytest.approx(_ramp("linear", 0.7, 0.1, 0.8, i / n), abs=1e-7)
+    for k in range(calls):
+        i = k * n // calls
+        options = [_ramp("linear", 0.7, 0.1, 0.8, j / n) for j in range(i, n)]
+        assert any(s.weight(timesteps[k]) == pytest.approx(v, abs=1e-7) for v in options)
+
+
+def test_for_scheduler_serialises_and_parses():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    karras = DPMSolverMultistepScheduler(num_train_timesteps=1000, use_karras_sigmas=True)
+    made = [
+        BypassSchedule.for_scheduler(DDIMScheduler(), 20, 0.3, end=0.4),
+        BypassSchedule.for_scheduler(EulerDiscreteScheduler(use_karras_sigmas=True), 13, 1 / 3, shape="cosine"),
+        BypassSchedule.for_scheduler(karras, 100, 0.2, start=0.1, end=0.9, shape="constant"),
+    ]
+    for schedule in made:
+        text = json.dumps(schedule.to_dict())
+        again = BypassSchedule.from_dict(json.loads(text))
+        assert again == schedule and hash(again) == hash(schedule) and repr(again) == repr(schedule)
+        assert torch.equal(again.table(), schedule.table())
+        assert BypassSchedule.parse(text) == schedule
+    # the short CLI form and a hand-written record resolve the timesteps themselves
+    assert BypassSchedule.parse("for_scheduler:DDIMScheduler:20:0.3:0:0.4") == made[0]
+    record = {
+        "shape": "for_scheduler",
+        "scheduler": {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True},
+        "num_inference_steps": 100,
+        "strength": 0.2,
+        "start": 0.1,
+        "end": 0.9,
+        "ramp": "constant",
+    }
+    assert BypassSchedule.parse(json.dumps(record)) == made[2]
+    assert BypassSchedule.parse("for_scheduler:DDIMScheduler:4:0.5").to_dict() == {
+        "shape": "for_scheduler",
+        "num_train_timesteps": 1000,
+        "scheduler": "DDIMScheduler",
+        "num_inference_steps": 4,
+        "strength": 0.5,
+        "start": 0.0,
+        "end": 1.0,
+        "ramp": "linear",
+        "timesteps": [750.0, 500.0, 250.0, 0.0],
+    }
+    # the stored timesteps are authoritative: a record with other timesteps is another schedule
+    moved = {**made[0].to_dict(), "timesteps": [t - 1 for t in made[0].to_dict()["timesteps"]]}
+    assert BypassSchedule.from_dict(moved).weight(949) == made[0].weight(950) > 0
+    assert BypassSchedule.from_dict(moved).weight(950) == 0.0
+
+
+def test_for_scheduler_is_a_value_too():
+    from diffusers import DDIMScheduler
+
+    s = BypassSchedule.for_scheduler(DDIMScheduler(), 10, 0.5)
+    before, h = s.to_dict(), hash(s)
+    s.to_dict()["timesteps"].append(3.0)
+    s.to_dict()["timesteps"][0] = 1.0
+    assert s.to_dict() == before and hash(s) == h
+
+
+def _bad_for_scheduler(**overrides):
+    from diffusers import DDIMScheduler
+
+    kwargs = dict(scheduler=DDIMScheduler(), num_inference_steps=10, strength=0.3)
+    kwargs.update(overrides)
+    return BypassSchedule.for_scheduler(kwargs.pop("scheduler"), kwargs.pop("num_inference_steps"), **kwargs)
+
+
+def _bad_record(**overrides):
+    record = {"shape": "for_scheduler", "scheduler": "DDIMScheduler", "num_inference_steps": 10, "strength": 0.3}
+    record.update(overrides)
+    return BypassSchedule.from_dict({k: v for k, v in record.items() if v is not ...})
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [
+        (lambda: _bad_for_scheduler(scheduler=None), TypeError, "scheduler"),
+        (lambda: _bad_for_scheduler(scheduler=type(_schedulers()["ddim"]())), TypeError, "scheduler"),
+        (lambda: _bad_for_scheduler(scheduler=object()), TypeError, "scheduler"),
+        (lambda: _bad_for_scheduler(num_inference_steps=0), ValueError, "num_inference_steps"),
+        (lambda: _bad_for_scheduler(num_inference_steps=-3), ValueError, "num_inference_steps"),
+        (lambda: _bad_for_scheduler(num_inference_steps=2.0), TypeError, "num_inference_steps"),
+        (lambda: _bad_for_scheduler(num_inference_steps=True), TypeError, "num_inference_steps"),
+        (lambda: _bad_for_scheduler(num_inference_steps=1001), ValueError, "num_inference_steps"),
+        (lambda: _bad_for_scheduler(strength=1.5), ValueError, "strength"),
+        (lambda: _bad_for_scheduler(strength="0.3"), TypeError, "strength"),
+        (lambda: _bad_for_scheduler(start=-0.1), ValueError, "start"),
+        (lambda: _bad_for_scheduler(end=1.5), ValueError, "end"),
+        (lambda: _bad_for_scheduler(end=float("nan")), ValueError, "end"),
+        (lambda: _bad_for_scheduler(start="0"), TypeError, "start"),
+        (lambda: _bad_for_scheduler(start=0.5, end=0.5), ValueError, "start must be below end"),
+        (lambda: _bad_for_scheduler(end=10**400), ValueError, "end"),
+        (lambda: _bad_for_scheduler(shape="zigzag"), ValueError, "shape"),
+        (lambda: _bad_for_scheduler(shape="table"), ValueError, "shape"),
+        (lambda: _bad_for_scheduler(shape=None), TypeError, "shape"),
+        (lambda: _bad_record(scheduler=...), ValueError, "missing key 'scheduler'"),
+        (lambda: _bad_record(num_inference_steps=...), ValueError, "missing key 'num_inference_steps'"),
+        (lambda: _bad_record(scheduler="StableDiffusionPipeline"), ValueError, "scheduler"),
+        (lambda: _bad_record(scheduler="os.system"), ValueError, "scheduler"),
+        (lambda: _bad_record(scheduler={"use_karras_sigmas": True}), ValueError, "_class_name"),
+        (lambda: _bad_record(scheduler=3), TypeError, "scheduler"),
+        (lambda: _bad_record(scheduler=3, timesteps=[1.0]), TypeError, "scheduler"),
+        (lambda: _bad_record(ramp="zigzag"), ValueError, "ramp"),
+        (
+            lambda: _bad_record(
+                num_train_timesteps=500, scheduler={"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}
+            ),
+            ValueError,
+            "num_train_timesteps",
+        ),
+        (lambda: _bad_record(timesteps=[]), ValueError, "timesteps"),
+        (lambda: _bad_record(timesteps=[float("inf")]), ValueError, r"timesteps\[0\]"),
+        (lambda: _bad_record(timesteps="900"), TypeError, "timesteps"),
+        (lambda: BypassSchedule.parse("for_scheduler:DDIMScheduler:10"), ValueError, "for_scheduler:SCHEDULER"),
+        (lambda: BypassSchedule.parse("for_scheduler:DDIMScheduler:ten:0.3"), ValueError, "STEPS"),
+        (lambda: BypassSchedule.parse("for_scheduler:DDIMScheduler:10:high"), ValueError, "STRENGTH"),
+        (lambda: BypassSchedule.parse("for_scheduler:Nope:10:0.3"), ValueError, "scheduler"),
+    ],
+)
+def test_for_scheduler_bad_arguments_name_the_parameter(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
