@@ -4,6 +4,9 @@ import math
 import pytest
 import torch
 
+# the module-scoped fixture "pipe" (a tiny text-to-image pipeline), for the image-to-image test
+from test_pipeline import pipe  # noqa: F401
+
 from bypass_kernels import BypassSchedule, default_schedule
 from bypass_kernels.schedule import timestep_index
 
@@ -503,3 +506,58 @@ def _bad_record(**overrides):
 def test_for_scheduler_bad_arguments_name_the_parameter(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_for_scheduler_image_to_image_gets_the_lambda_of_the_timesteps_it_visits(request):
+    """A real img2img run (Euler: fractional timesteps) at strength 0.6 starts part way down the
+    schedule: it visits the tail of the 5 timesteps and each UNet call gets the λ of its step in
+    the full schedule."""
+    import numpy as np
+    from conftest import hand_hook
+    from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
+
+    import bypass_kernels
+
+    sd = request.getfixturevalue("pipe")  # test_pipeline's tiny text-to-image pipeline
+    n = 5
+    scheduler = EulerDiscreteScheduler.from_config(sd.scheduler.config)
+    img2img = StableDiffusionImg2ImgPipeline(**{**sd.components, "scheduler": scheduler})
+    img2img.set_progress_bar_config(disable=True)
+    schedule = BypassSchedule.for_scheduler(scheduler, n, 0.8, end=0.7)
+    full = _visited(scheduler, n).tolist()
+    expected = {t: _ramp("linear", 0.8, 0.0, 0.7, i / n) for i, t in enumerate(full)}
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+    def run():
+        out = img2img(
+            "a red square",
+            image=image,
+            strength=0.6,
+            num_inference_steps=n,
+            guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        )
+        return out.images
+
+    seen = []
+    record = sd.unet.register_forward_pre_hook(lambda module, args: seen.append(float(args[1])))
+    try:
+        plain = run()
+    finally:
+        record.remove()
+    assert seen == full[2:] and any(not t.is_integer() for t in seen)  # strength 0.6 of 5 steps: the last 3
+    lambdas = [expected[t] for t in seen]  # progress 0.4, 0.6 (inside [0, 0.7)) and 0.8 (outside)
+    assert lambdas[0] > lambdas[1] > 0 and lambdas[2] == 0
+    assert [schedule.weight(t) for t in seen] == pytest.approx(lambdas, abs=1e-7)
+
+    handles = hand_hook(sd.unet, lambda t: expected[t])
+    try:
+        reference = run()
+    finally:
+        for h in handles:
+            h.remove()
+    with bypass_kernels.patched(img2img, schedule):
+        got = run()
+    np.testing.assert_allclose(got, reference, atol=1e-4)
+    assert np.abs(got - plain).max() > 1e-3
