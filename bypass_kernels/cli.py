@@ -19,7 +19,8 @@ from bypass_kernels.schedule import BypassSchedule
 
 SCHEDULE_HELP = (
     "'default', 'off', 'constant|linear|cosine:STRENGTH[:T_MIN[:T_MAX]]' (e.g. linear:0.3:500), "
-    "a JSON object from BypassSchedule.to_dict(), or a JSON file"
+    "'for_scheduler:SCHEDULER:STEPS:STRENGTH[:START[:END[:SHAPE]]]' (λ by fraction of sampling, e.g. "
+    "for_scheduler:DDIMScheduler:20:0.3:0:0.4), a JSON object from BypassSchedule.to_dict(), or a JSON file"
 )
 
 MODEL_HELP = "a preset (tiny-sd, tiny-sdxl, tiny-unet2d, sd15, sdxl) or a local diffusers UNet/pipeline folder"

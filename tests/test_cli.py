@@ -130,3 +130,30 @@ def test_runtime_errors_are_one_line_too(capsys):
     # diffusers' own error (more steps than training timesteps) after the model has loaded
     assert main(["run", "--steps", "1001", "--no-baseline"]) == 2
     _assert_one_line_usage_error(2, capsys.readouterr().err, "1001")
+
+
+def test_run_takes_a_for_scheduler_spec(capsys):
+    # the run command's 4 DDIM steps visit 750, 500, 250, 0: λ by fraction of sampling, active on [0, 0.5)
+    spec = "for_scheduler:DDIMScheduler:4:0.5:0:0.5"
+    assert main(["run", "--steps", "4", "--no-baseline", "--schedule", spec]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert [int(r[1]) for r in rows] == [750, 500, 250, 0]
+    assert [float(r[2]) for r in rows] == pytest.approx([0.5, 0.25, 0.0, 0.0], abs=1e-4)
+    assert "BypassSchedule.for_scheduler(<DDIMScheduler: 4 timesteps>" in out
+
+
+def test_schedule_command_prints_a_for_scheduler_record(capsys, tmp_path):
+    spec = "for_scheduler:EulerDiscreteScheduler:7:0.4:0:0.5:cosine"
+    assert main(["schedule", spec, "--json", "--num-train-timesteps", "500"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[1])
+    assert record["shape"] == "for_scheduler" and record["num_train_timesteps"] == 500
+    assert (
+        record["scheduler"] == "EulerDiscreteScheduler" and record["ramp"] == "cosine" and len(record["timesteps"]) == 7
+    )
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(record))
+    assert main(["schedule", str(path), "--json"]) == 0  # the record, resolved timesteps and all, as a file
+    assert json.loads(capsys.readouterr().out.splitlines()[1]) == record
+    assert main(["schedule", "for_scheduler:DDIMScheduler:0:0.4"]) == 2
+    _assert_one_line_usage_error(2, capsys.readouterr().err, "num_inference_steps")
