@@ -250,8 +250,9 @@ def _thaw(value: Any) -> Any:
 class BypassSchedule:
     """λ(t) for the mid-block bypass ``m' = (1 - λ)·m + λ·h`` (see METHOD.md).
 
-    Build one with :meth:`constant`, :meth:`linear`, :meth:`cosine`, :meth:`from_table` or
-    :meth:`from_steps`. ``linear`` and ``cosine`` rise from 0 at ``t_min`` to ``strength`` at
+    Build one with :meth:`constant`, :meth:`linear`, :meth:`cosine`, :meth:`from_table`,
+    :meth:`from_steps` or :meth:`for_scheduler` (λ by fraction of sampling). A schedule is an
+    immutable value. ``linear`` and ``cosine`` rise from 0 at ``t_min`` to ``strength`` at
     ``t_max``, so the bypass is strongest at the noisiest step and fades out as denoising
     proceeds; λ is 0 outside ``[t_min, t_max]``.
     """
@@ -510,7 +511,10 @@ class BypassSchedule:
         """A schedule from a command-line spec.
 
         Accepts ``"default"``, ``"off"``, ``"SHAPE:STRENGTH[:T_MIN[:T_MAX]]"`` (e.g. ``linear:0.3:500``),
-        a JSON object as text, or the path of a JSON file written from :meth:`to_dict`.
+        ``"for_scheduler:SCHEDULER:STEPS:STRENGTH[:START[:END[:SHAPE]]]"`` (a diffusers scheduler class
+        with its default config and ``num_train_timesteps``), a JSON object as text, or the path of a
+        JSON file written from :meth:`to_dict` (a ``for_scheduler`` record may leave out
+        ``timesteps``; its ``scheduler`` is then a class name or a config with ``_class_name``).
         """
         if spec is None or isinstance(spec, BypassSchedule):
             return spec

@@ -389,6 +389,14 @@ def test_for_scheduler_each_step_starts_at_its_own_lambda(name, n):
         assert any(s.weight(timesteps[k]) == pytest.approx(v, abs=1e-7) for v in options)
 
 
+def test_for_scheduler_timesteps_past_the_table_read_its_end():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = BypassSchedule.for_scheduler(FlowMatchEulerDiscreteScheduler(), 4, 0.5, shape="constant")
+    assert s.to_dict()["timesteps"][0] == 1000.0  # = T: the kernels clamp it to index T - 1
+    assert s.weight(1000.0) == s.weight(999) == 0.5 and s.table().count_nonzero() == 4
+
+
 def test_for_scheduler_serialises_and_parses():
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
