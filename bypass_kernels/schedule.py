@@ -164,7 +164,7 @@ def _check_ramp(value: Any, name: str) -> str:
     return value
 
 
-def _visited_timesteps(scheduler: Any, N: int, T: int) -> list[float]:
+def _visited_timesteps(scheduler: Any, N: int) -> list[float]:
     """``scheduler.timesteps`` after ``set_timesteps(N)``, computed on a deep copy."""
     work = copy.deepcopy(scheduler)
     try:
@@ -396,7 +396,7 @@ class BypassSchedule:
         if a >= b:
             raise ValueError(f"start must be below end, got start={a!r}, end={b!r}")
         ramp = _check_ramp(shape, "shape")
-        return cls._for_visits(name, _visited_timesteps(scheduler, N, T), N, s, a, b, ramp, T)
+        return cls._for_visits(name, _visited_timesteps(scheduler, N), N, s, a, b, ramp, T)
 
     @classmethod
     def _for_visits(cls, name: str, timesteps: list[float], N: int, s: float, a: float, b: float, ramp: str, T: int):
@@ -462,7 +462,7 @@ class BypassSchedule:
         if "shape" not in data:
             raise ValueError("schedule: missing key 'shape'")
         shape = data["shape"]
-        if shape not in _KEYS:
+        if not isinstance(shape, str) or shape not in _KEYS:
             raise ValueError(f"shape: expected one of {', '.join(_KEYS)}, got {shape!r}")
         required, optional = _KEYS[shape]
         missing = [k for k in required if k not in data]

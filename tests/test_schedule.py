@@ -149,6 +149,7 @@ def test_parse_specs(tmp_path):
         (lambda: BypassSchedule.parse('{"shape": "cosine"}'), ValueError, "missing key 'strength'"),
         (lambda: BypassSchedule.parse('{"shape": "linear", "strength": 0.1, "t_mn": 5}'), ValueError, "'t_mn'"),
         (lambda: BypassSchedule.from_dict([("shape", "linear")]), TypeError, "mapping"),
+        (lambda: BypassSchedule.from_dict({"shape": ["linear"]}), ValueError, "shape"),
         # integers too large for a float name the parameter (was OverflowError)
         (lambda: BypassSchedule.linear(10**400), ValueError, "strength"),
         (lambda: BypassSchedule.linear(0.3, t_min=10**400), ValueError, "t_min"),
