@@ -35,7 +35,8 @@ _KEYS = {
 
 
 def timestep_index(t: float, num_train_timesteps: int) -> int:
-    """Table index of one timestep: float32, round half to even, clamp to [0, T-1]."""
+    """Table index of one timestep: float32, round half to even, clamp to [0, T-1]; NaN reads index 0,
+    as every backend, compiled graph and exported graph does."""
     T = _check_T(num_train_timesteps)
     if isinstance(t, torch.Tensor):
         if t.numel() != 1:
@@ -50,10 +51,9 @@ def timestep_index(t: float, num_train_timesteps: int) -> int:
             value = torch.tensor(float(t), dtype=torch.float32)
         except OverflowError:  # an int beyond float64 is beyond float32 too: it clamps like ±inf
             value = torch.tensor(math.inf if t > 0 else -math.inf, dtype=torch.float32)
-    value = value.round()
     if torch.isnan(value):
-        raise ValueError("timestep: got NaN")
-    return int(value.clamp(0, T - 1))
+        return 0
+    return int(value.round().clamp(0, T - 1))
 
 
 # float32 holds every integer up to 2**24 exactly; a table longer than that has entries that

@@ -140,3 +140,11 @@ def test_auto_prefers_the_cuda_kernel_then_triton_on_cuda(monkeypatch):
     assert backends._first_available("cuda") == "cuda"
     monkeypatch.setattr(backends, "_why_unavailable", lambda name, device_type: "no" if name == "cuda" else None)
     assert backends._first_available("cuda") == "triton"
+
+
+def test_schedule_weight_follows_the_nan_rule():
+    from bypass_kernels import BypassSchedule
+
+    schedule = BypassSchedule.from_table(TABLE.tolist())
+    assert schedule.weight(float("nan")) == schedule.weight(0) == TABLE[0].item()
+    assert schedule.weight(torch.tensor(float("nan"))) == TABLE[0].item()
