@@ -60,7 +60,12 @@ def append_rows(path: str, rows: list[dict]) -> None:
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fields = list(rows[0])
-    new = not os.path.exists(path)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, encoding="utf-8", newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != fields:
+            raise ValueError(f"{path} has other columns than these rows ({header} vs {fields}): pass another --out")
     with open(path, "a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         if new:
@@ -98,13 +103,27 @@ def median_time_us(
     return statistics.median(samples)
 
 
-def interleaved_median_us(fns: dict, device: torch.device, *, rounds: int = 5, **timing) -> dict:
-    """``{name: median µs per call}``, measured in interleaved rounds so that drift in clock speed or
-    in a shared machine's load falls on every function alike: the median of each round's median."""
+def interleaved_samples_us(fns: dict, device: torch.device, *, rounds: int = 5, errors=None, **timing) -> dict:
+    """``{name: [median µs per call in each round]}``, measured in interleaved rounds so that drift in
+    clock speed or in a shared machine's load falls on every function alike. With an ``errors``
+    dict, a function that raises is dropped (its exception recorded there) and the others go on."""
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            samples[name].append(median_time_us(fn, device, **timing))
+            if errors is not None and name in errors:
+                continue
+            try:
+                samples[name].append(median_time_us(fn, device, **timing))
+            except Exception as exc:
+                if errors is None:
+                    raise
+                errors[name] = exc
+    return {name: values for name, values in samples.items() if errors is None or name not in errors}
+
+
+def interleaved_median_us(fns: dict, device: torch.device, *, rounds: int = 5, **timing) -> dict:
+    """``{name: median µs per call}``: the median of each round's median (:func:`interleaved_samples_us`)."""
+    samples = interleaved_samples_us(fns, device, rounds=rounds, **timing)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

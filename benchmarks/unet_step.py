@@ -2,8 +2,21 @@
 
 Variants: unpatched, patched (per backend), a naive hook that reads λ with .item() each call, and
 diffusers' FreeU (a peer training-free method). Modes: eager, compile, compile reduce-overhead,
-and a manually captured CUDA graph. Rows: median ms per step, overhead against the unpatched model
-in the same mode, kernels per step, peak memory; and a full DDIM loop time.
+and a manually captured CUDA graph. One row per variant and mode:
+
+- status: ``ok``, or why the variant has no figures in this mode (``skipped: ...`` when it cannot
+  run there, e.g. a step that syncs with the host cannot be captured in a CUDA graph; ``error:
+  ...`` when it failed); the other variants go on.
+- median_ms [ms_lo, ms_hi]: median step time over interleaved rounds (each round times every
+  variant once), with an order-statistic interval of that median (benchmarks/intervals.py).
+- overhead_pct [overhead_lo_pct, overhead_hi_pct]: against the unpatched model timed in the same
+  round, per round, then the median and its interval; ``overhead`` says "within noise" when the
+  interval includes 0.
+- kernels_per_step (profiler), host_syncs (CUDA, eager: synchronizing CUDA calls in one step,
+  counted with torch.cuda.set_sync_debug_mode), peak_mib (memory a step allocates above what was
+  allocated before it, measured for every variant after all were prepared and warmed up, so each
+  starts from the same allocator state; under graph replay it is the graph's private pool, taken at
+  capture, that holds the step's memory), and a single timed DDIM loop (no sync per step).
 
 On a GPU: python benchmarks/unet_step.py --models sd15 sdxl
 On a CPU (a smoke run of the same code on a tiny model): python benchmarks/unet_step.py --models tiny-sd
@@ -14,9 +27,11 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+import warnings
 
 import torch
-from common import append_rows, csv_path, environment, interleaved_median_us, kernels_per_call
+from common import append_rows, csv_path, environment, interleaved_samples_us, kernels_per_call
+from intervals import median_ci, overhead_text, paired_overhead_pct
 
 import bypass_kernels
 from bypass_kernels import BypassSchedule, backends
@@ -108,20 +123,185 @@ def ddim_loop_seconds(run, timestep, steps, device):
     return time.perf_counter() - start
 
 
+def host_syncs(step, device) -> int | None:
+    """Synchronizing CUDA calls made by one call of ``step`` (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+def why_not(model, inputs, mode, device) -> str | None:
+    """Why ``model`` cannot run in ``mode`` here (checked before trying), or None."""
+    if mode == "cuda_graph":
+        if device.type != "cuda":
+            return "skipped: CUDA graphs need a CUDA device"
+        with torch.inference_mode():
+            syncs = host_syncs(lambda: model(**inputs, return_dict=False), device)
+        if syncs:
+            return f"skipped: its eager step syncs with the host ({syncs} synchronizing calls); capture forbids that"
+    return None
+
+
 def prepare(model, inputs, mode, device):
-    """``(run, peak MiB)``: the step callable, compiled or captured and warmed up, and the memory it
-    took above what was allocated before (weights excluded)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+    """The step callable of ``model`` in ``mode``, compiled or captured and warmed up."""
     run = step_fn(model, inputs, mode, device)
     for _ in range(3):
         run()
+    return run
+
+
+def step_peak_mib(run, device) -> float | None:
+    """MiB one call of ``run`` allocates above what was allocated before it (None off CUDA)."""
     if device.type != "cuda":
-        return run, 0.0
+        return None
     torch.cuda.synchronize(device)
-    return run, (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def _error(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"error: {type(exc).__name__}: {first}".rstrip(": ")
+
+
+def _try(fn, status: dict, name: str):
+    """``fn()``, or None with ``status[name]`` set to the error (when it was still ``ok``)."""
+    try:
+        return fn()
+    except Exception as exc:
+        if status.get(name, "ok") == "ok":
+            status[name] = _error(exc)
+        return None
+
+
+def measure_mode(models, inputs, mode, device, *, rounds=7, reps=10, loop_steps=20, errors=None) -> dict:
+    """Every variant of ``models`` in ``mode``: ``{"status", "samples" (µs per round), "kernels",
+    "syncs", "peak", "loop"}``, each a dict by variant. A variant that cannot run or fails gets its
+    reason in ``status`` (``errors``: reasons found before, e.g. when the variant was built) and the
+    others go on."""
+    status = {v: (errors or {}).get(v) or "ok" for v in models}
+    runs = {}
+    with torch.inference_mode():
+        for v, model in models.items():
+            if status[v] == "ok":
+                status[v] = why_not(model, inputs, mode, device) or "ok"
+            if status[v] == "ok":
+                runs[v] = _try(lambda model=model: prepare(model, inputs, mode, device), status, v)
+        runs = {v: run for v, run in runs.items() if status[v] == "ok"}
+        failed = {}
+        samples = interleaved_samples_us(
+            runs, device, rounds=rounds, errors=failed, warmup=2, reps=reps, max_seconds=10
+        )
+        for v, exc in failed.items():
+            status[v] = _error(exc)
+        ok = [v for v in runs if status[v] == "ok"]
+        # Same allocator state for every variant: all prepared and warmed up before any is measured.
+        peak = {v: _try(lambda v=v: step_peak_mib(runs[v], device), status, v) for v in ok}
+        syncs = {v: _try(lambda v=v: host_syncs(runs[v], device), status, v) for v in ok if mode == "eager"}
+        kernels = {v: _try(lambda v=v: kernels_per_call(runs[v], device, calls=3), status, v) for v in ok}
+        loop = {
+            v: _try(lambda v=v: ddim_loop_seconds(runs[v], inputs["timestep"], loop_steps, device), status, v)
+            for v in ok
+        }
+    return {"status": status, "samples": samples, "kernels": kernels, "syncs": syncs, "peak": peak, "loop": loop}
+
+
+def _r(x, digits):
+    return "" if x is None else round(x, digits)
+
+
+def rows_for(result: dict, *, model: str, mode: str, common: dict) -> list[dict]:
+    """CSV rows from :func:`measure_mode`'s result; overheads against ``unpatched`` in the same rounds."""
+    status, samples = result["status"], result["samples"]
+    ref = samples.get("unpatched") if status.get("unpatched") == "ok" else None
+    ref_loop = result["loop"].get("unpatched")
+    rows = []
+    for v in status:
+        ok = status[v] == "ok" and bool(samples.get(v))
+        ms = lo = hi = pct = pct_lo = pct_hi = None
+        overhead = ""
+        if ok:
+            ms, lo, hi = (x / 1e3 for x in median_ci(samples[v]))
+            if v == "unpatched":
+                pct, overhead = 0.0, "reference"
+            elif ref is not None and len(ref) == len(samples[v]):
+                pct, pct_lo, pct_hi = paired_overhead_pct(samples[v], ref)
+                overhead = overhead_text(pct, pct_lo, pct_hi)
+            else:
+                overhead = "no unpatched reference"
+        loop = result["loop"].get(v)
+        rows.append(
+            {
+                "model": model,
+                "variant": v,
+                "mode": mode,
+                "status": status[v] if status[v] != "ok" or ok else "error: no timings",
+                **{k: common[k] for k in ("batch", "dtype", "latent")},
+                "rounds": len(samples.get(v) or []),
+                "median_ms": _r(ms, 4),
+                "ms_lo": _r(lo, 4),
+                "ms_hi": _r(hi, 4),
+                "overhead_pct": _r(pct, 3),
+                "overhead_lo_pct": _r(pct_lo, 3),
+                "overhead_hi_pct": _r(pct_hi, 3),
+                "overhead": overhead,
+                "kernels_per_step": _r(result["kernels"].get(v), 1),
+                "host_syncs": _r(result["syncs"].get(v), 0),
+                "peak_mib": _r(result["peak"].get(v), 2),
+                "loop_steps": common["loop_steps"],
+                "loop_s": _r(loop, 4),
+                "loop_overhead_pct": _r(100 * (loop / ref_loop - 1), 3) if loop and ref_loop else "",
+                **{k: common[k] for k in ("device", "torch", "triton", "cuda", "date")},
+            }
+        )
+    return rows
+
+
+def describe(row: dict) -> str:
+    head = f"{row['model']:>8} {row['variant']:>16} {row['mode']:>15}: "
+    if row["status"] != "ok":
+        return head + row["status"]
+    return head + (
+        f"{row['median_ms']:9.3f} ms/step [{row['ms_lo']}, {row['ms_hi']}], overhead {row['overhead']}, "
+        f"{row['kernels_per_step']} kernels, syncs {row['host_syncs']}, peak {row['peak_mib']} MiB, "
+        f"{row['loop_steps']}-step loop {row['loop_s']} s"
+    )
+
+
+def build(model_name, device, dtype):
+    """The preset with its seeded random weights, initialised on the GPU there (seconds instead of
+    tens of seconds at SDXL size); on the CPU, or if that fails, built on the CPU and moved."""
+    if device.type == "cuda":
+        try:
+            with torch.device(device):
+                return build_unet(model_name, device=device, dtype=dtype)
+        except Exception as exc:
+            print(f"building {model_name} on {device} failed ({_error(exc)}); building on the CPU")
+    return build_unet(model_name, device=device, dtype=dtype)
+
+
+def make_variants(base, model_name, device, wanted):
+    """``({variant: model}, {variant: why it could not be built})``."""
+    models, errors = {}, {}
+    for v, make in variants(base, model_name, device).items():
+        if wanted and v not in wanted:
+            continue
+        try:
+            models[v] = make()
+        except Exception as exc:
+            models[v], errors[v] = None, _error(exc)
+    return models, errors
 
 
 def main() -> None:
@@ -136,7 +316,8 @@ def main() -> None:
         help="variants also run compiled (each compile costs about a minute at SD1.5 size)",
     )
     parser.add_argument("--loop-steps", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds over the variants")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds over the variants")
+    parser.add_argument("--reps", type=int, default=10, help="timed steps per variant and round")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -149,49 +330,37 @@ def main() -> None:
     env = environment(device)
     path = args.out or csv_path(device, "unet_step")
     for model_name in args.models:
-        base = build_unet(model_name, device=device, dtype=dtype)
-        models = {v: make() for v, make in variants(base, model_name, device).items() if v in (args.variants or [v])}
+        base = build(model_name, device, dtype)
+        models, build_errors = make_variants(base, model_name, device, args.variants)
         inputs = example_inputs(base, batch=2)
         inputs["timestep"] = torch.full((), 999.0, device=device)  # shared by every variant's step
+        common = {
+            "batch": 2,
+            "dtype": str(dtype)[6:],
+            "latent": f"{inputs['sample'].shape[-2]}x{inputs['sample'].shape[-1]}",
+            "loop_steps": args.loop_steps,
+            **env,
+        }
         for mode in modes:
             names = [v for v in models if mode not in ("compile", "reduce-overhead") or v in args.compile_variants]
-            if "unpatched" not in names:
-                continue  # overheads are against the unpatched model in the same mode
             torch._dynamo.reset()
-            with torch.inference_mode():
-                prepared = {v: prepare(models[v], inputs, mode, device) for v in names}
-                runs = {v: run for v, (run, _) in prepared.items()}
-                # Interleaved rounds: clock and load drift fall on every variant alike.
-                us = interleaved_median_us(runs, device, rounds=args.rounds, warmup=3, reps=20, max_seconds=10)
-                kernels = {v: kernels_per_call(runs[v], device, calls=3) for v in names}
-                loops = {v: ddim_loop_seconds(runs[v], inputs["timestep"], args.loop_steps, device) for v in names}
-            rows = []
-            for v in names:
-                ms, ref_ms = us[v] / 1e3, us["unpatched"] / 1e3
-                row = {
-                    "model": model_name,
-                    "variant": v,
-                    "mode": mode,
-                    "batch": 2,
-                    "dtype": str(dtype)[6:],
-                    "latent": f"{inputs['sample'].shape[-2]}x{inputs['sample'].shape[-1]}",
-                    "median_ms": round(ms, 4),
-                    "overhead_pct": round(100 * (ms / ref_ms - 1), 3),
-                    "kernels_per_step": kernels[v],
-                    "peak_mib": round(prepared[v][1], 2),
-                    "loop_steps": args.loop_steps,
-                    "loop_s": round(loops[v], 4),
-                    "loop_overhead_pct": round(100 * (loops[v] / loops["unpatched"] - 1), 3),
-                    **env,
-                }
-                rows.append(row)
-                print(
-                    f"{model_name:>8} {v:>16} {mode:>15}: {ms:9.3f} ms/step ({row['overhead_pct']:+.2f}%), "
-                    f"{kernels[v]:g} kernels, peak {row['peak_mib']:.1f} MiB, "
-                    f"{args.loop_steps}-step loop {loops[v]:.3f} s"
-                )
+            result = measure_mode(
+                {v: models[v] for v in names},
+                inputs,
+                mode,
+                device,
+                rounds=args.rounds,
+                reps=args.reps,
+                loop_steps=args.loop_steps,
+                errors=build_errors,
+            )
+            rows = rows_for(result, model=model_name, mode=mode, common=common)
+            for row in rows:
+                print(describe(row))
             append_rows(path, rows)  # per mode: a run cut short keeps what it measured
-            del prepared, runs
+            del result
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         del models, base
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,0 +1,238 @@
+"""The benchmark harness's own logic, on the CPU in seconds: intervals and the "within noise" rule,
+the UNet-step rows (a variant that cannot run gets a row, the others go on), the verdict on the
+committed H200 run, the pytest plugin that selects GPU tests, and gpu_check.sh's dry run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import intervals  # noqa: E402
+import verdict  # noqa: E402
+
+H200 = os.path.join(BENCH, "results", "h200-c640135")
+
+
+@pytest.fixture(autouse=True)
+def _never_leave_patched():
+    """Overrides conftest's: nothing here patches a UNet, so its three tiny models need not be built."""
+    yield
+
+
+# --- intervals -------------------------------------------------------------------------------------
+
+
+def test_median_ci_uses_order_statistics_with_enough_coverage():
+    assert intervals.median_ci([5, 1, 4, 2, 3]) == (3, 1, 5)  # n = 5: the range (94%)
+    assert intervals.median_ci(range(1, 10)) == (5, 2, 8)  # n = 9: 2nd to 8th (96%)
+    assert intervals.coverage(9, 2) >= 0.9 > intervals.coverage(9, 3)
+    assert intervals.median_ci([7.0]) == (7.0, 7.0, 7.0)
+    with pytest.raises(ValueError):
+        intervals.median_ci([])
+
+
+def test_paired_overhead_cancels_drift_between_rounds():
+    ref = [10.0, 20.0, 10.0, 20.0, 10.0]  # the machine slowed down by 2x in some rounds
+    slower = [x * 1.01 for x in ref]
+    pct, lo, hi = intervals.paired_overhead_pct(slower, ref)
+    assert pct == pytest.approx(1.0) and lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+    assert not intervals.within_noise(lo, hi)
+    assert intervals.overhead_text(pct, lo, hi) == "+1.00% [+1.00, +1.00]"
+
+
+def test_within_noise_when_the_interval_includes_zero():
+    pct, lo, hi = intervals.paired_overhead_pct([10.1, 9.9, 10.2, 9.8, 10.0], [10.0] * 5)
+    assert lo < 0 < hi
+    assert intervals.overhead_text(pct, lo, hi).endswith("within noise")
+    assert intervals.within_noise(0.0, 0.5) and not intervals.within_noise(0.1, 0.5)
+
+
+# --- UNet-step rows ----------------------------------------------------------------------------------
+
+
+class Toy(torch.nn.Module):
+    def __init__(self, fail=False):
+        super().__init__()
+        self.fail = fail
+
+    def forward(self, sample, timestep, return_dict=False):
+        if self.fail:
+            raise RuntimeError("boom\nsecond line")
+        return (sample * 2,)
+
+
+def test_a_failing_variant_gets_a_row_and_the_others_go_on():
+    import unet_step
+
+    inputs = {"sample": torch.ones(2, 3), "timestep": torch.full((), 999.0)}
+    models = {"unpatched": Toy(), "broken": Toy(fail=True), "unbuilt": None, "other": Toy()}
+    result = unet_step.measure_mode(
+        models, inputs, "eager", torch.device("cpu"), rounds=3, reps=2, loop_steps=1, errors={"unbuilt": "error: X"}
+    )
+    common = dict(batch=2, dtype="float32", latent="1x3", loop_steps=1, device="cpu", torch="", triton="", cuda="")
+    rows = {
+        r["variant"]: r for r in unet_step.rows_for(result, model="toy", mode="eager", common={**common, "date": ""})
+    }
+    assert rows["broken"]["status"] == "error: RuntimeError: boom" and rows["broken"]["median_ms"] == ""
+    assert rows["unbuilt"]["status"] == "error: X"
+    assert rows["unpatched"]["status"] == "ok" and rows["unpatched"]["overhead"] == "reference"
+    other = rows["other"]
+    assert other["status"] == "ok" and other["rounds"] == 3
+    assert other["ms_lo"] <= other["median_ms"] <= other["ms_hi"]
+    assert other["overhead_lo_pct"] <= other["overhead_pct"] <= other["overhead_hi_pct"]
+    assert other["overhead"].startswith(f"{other['overhead_pct']:+.2f}%")
+    assert other["host_syncs"] == "" and other["peak_mib"] == ""  # CUDA-only columns
+
+
+def test_cuda_graph_mode_off_cuda_is_a_skipped_row_per_variant():
+    import unet_step
+
+    inputs = {"sample": torch.ones(2, 3), "timestep": torch.full((), 999.0)}
+    result = unet_step.measure_mode({"unpatched": Toy(), "a": Toy()}, inputs, "cuda_graph", torch.device("cpu"))
+    common = dict(batch=2, dtype="", latent="", loop_steps=1, device="", torch="", triton="", cuda="", date="")
+    rows = unet_step.rows_for(result, model="toy", mode="cuda_graph", common=common)
+    assert [r["status"] for r in rows] == ["skipped: CUDA graphs need a CUDA device"] * 2
+
+
+def test_rows_without_a_timed_reference_say_so():
+    import unet_step
+
+    result = {
+        "status": {"unpatched": "error: E", "a": "ok"},
+        "samples": {"a": [1000.0, 1100.0, 900.0]},
+        **{k: {} for k in ("kernels", "syncs", "peak", "loop")},
+    }
+    common = dict(batch=2, dtype="", latent="", loop_steps=1, device="", torch="", triton="", cuda="", date="")
+    a = unet_step.rows_for(result, model="m", mode="eager", common=common)[1]
+    assert (a["median_ms"], a["ms_lo"], a["ms_hi"]) == (1.0, 0.9, 1.1)
+    assert a["overhead"] == "no unpatched reference" and a["overhead_pct"] == ""
+
+
+# --- verdict -----------------------------------------------------------------------------------------
+
+
+def h200_verdict():
+    return {
+        t.target: t
+        for t in verdict.verdict(f"{H200}-microbench.csv", f"{H200}-unet_step.csv", f"{H200}-gpu_tests.xml", None)
+    }
+
+
+def test_verdict_of_the_committed_h200_run():
+    got = h200_verdict()
+
+    def find(*words):
+        (match,) = [t for name, t in got.items() if all(w in name for w in words)]
+        return match
+
+    assert find("triton", "copy bandwidth").status == "PASS"
+    assert find("triton", "copy bandwidth").value.startswith("min 100.1% (fp32 105.0%, fp16 102.1%, bf16 100.1%)")
+    assert find("cuda", "copy bandwidth").value.startswith("min 95.5%")
+    assert find("cuda", "copy bandwidth").status == "PASS"
+    assert find("triton", "baseline (c)").value == "min 3.85× (fp32 3.85×, fp16 4.52×, bf16 4.91×)"
+    assert find("cuda", "baseline (c)").value == "min 3.43× (fp32 3.43×, fp16 4.45×, bf16 4.38×)"
+    assert find("triton", "one kernel").value == "1 kernel per call in all 24 rows"
+    assert find("sd15, cuda_graph").status == "PASS" and find("sd15, cuda_graph").value.startswith("+0.026%")
+    assert find("sdxl, cuda_graph").status == "PASS" and find("sdxl, cuda_graph").value.startswith("+0.053%")
+    assert find("sd15, compile").status == "FAIL" and find("sd15, compile").value.startswith("+1.125%")
+    assert find("sd15, reduce-overhead").status == "FAIL" and "744 vs 744" in find("sd15, reduce-overhead").value
+    assert find("host sync").status == "SKIPPED"
+    tests = find("GPU tests")
+    assert tests.status == "FAIL" and tests.value.startswith("1 error (tests.test_export)")
+    assert find("host cost").status == "SKIPPED"
+
+
+def test_verdict_without_files_skips_every_target():
+    targets = verdict.verdict(None, None, None, None)
+    assert {t.status for t in targets} == {"SKIPPED"}
+    text = verdict.markdown(targets)
+    assert text.startswith("| target | measured | verdict |") and f"0 PASS, 0 FAIL, {len(targets)} SKIPPED" in text
+
+
+def test_verdict_reads_new_rows_intervals_syncs_and_junit(tmp_path):
+    unet = tmp_path / "unet.csv"
+    head = "model,variant,mode,status,overhead_pct,overhead,kernels_per_step,host_syncs,date"
+    unet.write_text(
+        "\n".join(
+            [
+                head,
+                "sd15,unpatched,eager,ok,0.0,reference,1174,0,d",
+                'sd15,patched_auto,eager,ok,0.5,"+0.50% [-0.20, +1.10] within noise",1175,0,d',
+                'sd15,naive_item_hook,eager,ok,3.0,"+3.00% [+2.00, +4.00]",1178,2,d',
+                "sd15,unpatched,cuda_graph,ok,0.0,reference,1174,,d",
+                'sd15,patched_auto,cuda_graph,ok,0.02,"+0.02% [-0.01, +0.05] within noise",1175,,d',
+                "sdxl,patched_auto,cuda_graph,error: RuntimeError: x,,,,,d",
+            ]
+        )
+        + "\n"
+    )
+    junit = tmp_path / "j.xml"
+    junit.write_text(
+        '<testsuites><testsuite><testcase classname="tests.test_compile" '
+        'name="test_eager_patched_forward_has_no_host_sync" time="1"/>'
+        '<testcase classname="tests.test_ops" name="test_a"><skipped message="s"/></testcase>'
+        '<testcase classname="tests.test_ops" name="test_b"><failure message="f"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    got = {t.target: t for t in verdict.verdict(None, str(unet), str(junit), None)}
+    graph = next(t for n, t in got.items() if "sd15, cuda_graph" in n)
+    assert graph.status == "PASS" and graph.value == "+0.02% [-0.01, +0.05] within noise; kernels 1175 vs 1174"
+    sdxl = next(t for n, t in got.items() if "sdxl, cuda_graph" in n)
+    assert sdxl.status == "FAIL" and "RuntimeError" in sdxl.value
+    sync = next(t for n, t in got.items() if "host sync" in n)
+    assert sync.status == "PASS" and "sd15 patched_auto: 0" in sync.value and "naive" not in sync.value
+    tests = next(t for n, t in got.items() if "GPU tests" in n)
+    assert tests.status == "FAIL" and tests.value == "1 passed, 1 failed, 1 skipped (tests.test_ops::test_b)"
+
+
+def test_verdict_host_cost_rows(tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_text(
+        "call,backend,size,dtype,median_us,ratio_to_add,ratio_lo,ratio_hi,date\n"
+        "add_,,sd15_mid,fp16,17.5,1.0,1.0,1.0,d\n"
+        "blend_,cuda,sd15_mid,fp16,28.0,1.6,1.55,1.65,d\n"
+        "blend_,cuda,tiny,fp16,27.0,1.6,1.55,1.65,d\n"
+    )
+    (target,) = verdict.host_cost(verdict.read(str(path)))
+    assert target.status == "FAIL" and target.value == "1.60× [1.55, 1.65] (28.0 µs per call)"
+
+
+# --- pytest plugin and gpu_check.sh -----------------------------------------------------------------------
+
+
+def test_plugin_marks_tests_skipped_without_cuda_as_gpu(tmp_path):
+    (tmp_path / "test_x.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.skipif(True, reason='needs a CUDA GPU')\n"
+        "def test_needs_gpu(): pass\n"
+        "def test_cpu(): pass\n"
+        "@pytest.mark.tensorrt\n"
+        "def test_trt(): pass\n"
+    )
+    cmd = [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist"]
+    cmd += ["-m", "gpu or tensorrt", "-p", "pytest_gpu_select", "-W", "ignore::pytest.PytestUnknownMarkWarning"]
+    env = {**os.environ, "PYTHONPATH": BENCH}
+    out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path).stdout
+    assert "test_needs_gpu" in out and "test_trt" in out and "test_cpu" not in out
+
+
+def test_gpu_check_dry_run_skips_gpu_steps_and_prints_the_verdict(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_DRY_RUN": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", os.path.join(BENCH, "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| target | measured | verdict |" in proc.stdout
+    assert "SKIPPED  GPU tests" in proc.stdout and "SKIPPED  install" in proc.stdout
+    assert "- ok       environment" in proc.stdout  # a function step, run under timeout by a child bash
+    files = sorted(os.listdir(out))
+    assert files == ["gpu_check.log", "verdict.md"] and len(files) <= 8
+    assert "0 PASS, 0 FAIL" in (out / "verdict.md").read_text()
