@@ -236,3 +236,18 @@ def test_gpu_check_dry_run_skips_gpu_steps_and_prints_the_verdict(tmp_path):
     files = sorted(os.listdir(out))
     assert files == ["gpu_check.log", "verdict.md"] and len(files) <= 8
     assert "0 PASS, 0 FAIL" in (out / "verdict.md").read_text()
+
+
+def test_host_cost_rows_ratio_against_add():
+    import microbench
+
+    import bypass_kernels
+
+    table = bypass_kernels.default_schedule().table("cpu")
+    env = dict(device="cpu", torch="", triton="", cuda="", date="")
+    rows = microbench.host_cost_rows(torch.device("cpu"), table, ["tiny"], ["fp32"], rounds=3, calls=5, env=env)
+    by_call = {(r["call"], r["backend"]): r for r in rows}
+    assert by_call[("add_", "")]["ratio_to_add"] == 1.0
+    assert {("blend_", "auto"), ("blend_", "torch")} <= set(by_call)
+    for r in rows:
+        assert r["lo_us"] <= r["median_us"] <= r["hi_us"] and r["ratio_lo"] <= r["ratio_to_add"] <= r["ratio_hi"]
