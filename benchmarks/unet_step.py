@@ -268,6 +268,17 @@ def rows_for(result: dict, *, model: str, mode: str, common: dict) -> list[dict]
     return rows
 
 
+def warm(models, names, inputs, mode, device, model_name) -> None:
+    for v in names:
+        if models[v] is None:
+            continue
+        start = time.perf_counter()
+        status = {}
+        with torch.inference_mode():
+            _try(lambda v=v: prepare(models[v], inputs, mode, device), status, v)
+        print(f"{model_name:>8} {v:>16} {mode:>15}: {status.get(v, 'warmed')} in {time.perf_counter() - start:.1f} s")
+
+
 def describe(row: dict) -> str:
     head = f"{row['model']:>8} {row['variant']:>16} {row['mode']:>15}: "
     if row["status"] != "ok":
@@ -320,6 +331,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10, help="timed steps per variant and round")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="only compile/capture and warm up each variant, no timing and no rows (fills Inductor's on-disk "
+        "caches, so a later run in compile modes loads its graphs instead of compiling them)",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -344,6 +361,9 @@ def main() -> None:
         for mode in modes:
             names = [v for v in models if mode not in ("compile", "reduce-overhead") or v in args.compile_variants]
             torch._dynamo.reset()
+            if args.warm_only:
+                warm(models, names, inputs, mode, device, model_name)
+                continue
             result = measure_mode(
                 {v: models[v] for v in names},
                 inputs,
@@ -364,7 +384,8 @@ def main() -> None:
         del models, base
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"rows in {path}")
+    if not args.warm_only:
+        print(f"rows in {path}")
 
 
 if __name__ == "__main__":

@@ -251,3 +251,40 @@ def test_host_cost_rows_ratio_against_add():
     assert {("blend_", "auto"), ("blend_", "torch")} <= set(by_call)
     for r in rows:
         assert r["lo_us"] <= r["median_us"] <= r["hi_us"] and r["ratio_lo"] <= r["ratio_to_add"] <= r["ratio_hi"]
+
+
+def test_gpu_check_control_flow_with_a_fake_gpu(tmp_path):
+    """Every step runs in order behind a fake nvidia-smi and a fake Python that fails one step; the
+    failure is recorded and the rest still run; the verdict (real Python) ends the log."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'Fake GPU, 1.0, 1 MiB, 9.0'\n")
+    fake_py = bin_dir / "fakepy"
+    fake_py.write_text(
+        "#!/usr/bin/env bash\n"
+        'case "$*" in\n'
+        f'  *verdict.py*) exec {sys.executable} "$@" ;;\n'
+        "  *microbench.py*) echo 'fake microbench fails'; exit 3 ;;\n"
+        '  *) echo "fake: $*"; exit 0 ;;\n'
+        "esac\n"
+    )
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(fake_py)}
+
+    def run(out, **extra):
+        args = ["bash", os.path.join(BENCH, "gpu_check.sh")]
+        proc = subprocess.run(args, capture_output=True, text=True, env={**env, "OUT": str(out), **extra}, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    text = run(tmp_path / "out")
+    steps = text[text.index("Steps:") :]
+    assert "FAILED   microbenchmarks and blend_ host cost (exit 3" in steps
+    for name in ("install", "GPU tests", "compile warm-up", "UNet step: SD1.5, CUDA graph", "UNet step: SDXL"):
+        assert f"ok       {name}" in steps, name
+    assert steps.index("UNet step: SD1.5 compiled") < steps.index("UNet step: SDXL")
+    assert "| target | measured | verdict |" in text and "[warm-up] fake:" in text
+
+    spent = run(tmp_path / "spent", GPU_CHECK_BUDGET_S="10")
+    assert "SKIPPED  GPU tests: pytest -m 'gpu or tensorrt' (budget spent)" in spent
