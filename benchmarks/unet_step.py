@@ -195,7 +195,7 @@ def measure_mode(models, inputs, mode, device, *, rounds=7, reps=10, loop_steps=
     with torch.inference_mode():
         for v, model in models.items():
             if status[v] == "ok":
-                status[v] = why_not(model, inputs, mode, device) or "ok"
+                status[v] = _try(lambda model=model: why_not(model, inputs, mode, device), status, v) or status[v]
             if status[v] == "ok":
                 runs[v] = _try(lambda model=model: prepare(model, inputs, mode, device), status, v)
         runs = {v: run for v, run in runs.items() if status[v] == "ok"}
@@ -348,7 +348,10 @@ def main() -> None:
     path = args.out or csv_path(device, "unet_step")
     for model_name in args.models:
         base = build(model_name, device, dtype)
-        models, build_errors = make_variants(base, model_name, device, args.variants)
+        wanted = args.variants
+        if all(mode in ("compile", "reduce-overhead") for mode in modes):  # build only what will run
+            wanted = [v for v in args.compile_variants if not args.variants or v in args.variants]
+        models, build_errors = make_variants(base, model_name, device, wanted)
         inputs = example_inputs(base, batch=2)
         inputs["timestep"] = torch.full((), 999.0, device=device)  # shared by every variant's step
         common = {

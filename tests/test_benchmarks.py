@@ -288,3 +288,17 @@ def test_gpu_check_control_flow_with_a_fake_gpu(tmp_path):
 
     spent = run(tmp_path / "spent", GPU_CHECK_BUDGET_S="10")
     assert "SKIPPED  GPU tests: pytest -m 'gpu or tensorrt' (budget spent)" in spent
+
+
+def test_a_variant_whose_precheck_fails_gets_a_row(monkeypatch):
+    import unet_step
+
+    def why_not(model, inputs, mode, device):
+        if model.fail:
+            raise RuntimeError("capture")
+        return None
+
+    monkeypatch.setattr(unet_step, "why_not", why_not)
+    inputs = {"sample": torch.ones(2, 3), "timestep": torch.full((), 999.0)}
+    result = unet_step.measure_mode({"unpatched": Toy(), "b": Toy(fail=True)}, inputs, "eager", torch.device("cpu"))
+    assert result["status"] == {"unpatched": "ok", "b": "error: RuntimeError: capture"}
