@@ -103,17 +103,21 @@ def median_time_us(
     return statistics.median(samples)
 
 
-def interleaved_samples_us(fns: dict, device: torch.device, *, rounds: int = 5, errors=None, **timing) -> dict:
+def interleaved_samples_us(
+    fns: dict, device: torch.device, *, rounds: int = 5, errors=None, timer=None, **timing
+) -> dict:
     """``{name: [median µs per call in each round]}``, measured in interleaved rounds so that drift in
-    clock speed or in a shared machine's load falls on every function alike. With an ``errors``
+    clock speed or in a shared machine's load falls on every function alike. ``timer(fn, device,
+    **timing)`` times one function in one round (default :func:`median_time_us`). With an ``errors``
     dict, a function that raises is dropped (its exception recorded there) and the others go on."""
+    timer = timer or median_time_us
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             if errors is not None and name in errors:
                 continue
             try:
-                samples[name].append(median_time_us(fn, device, **timing))
+                samples[name].append(timer(fn, device, **timing))
             except Exception as exc:
                 if errors is None:
                     raise

@@ -14,10 +14,10 @@ on tensors of the same shape and dtype, as a ratio (target: at most 1.5x at the 
 Each call is timed on the host clock within batches of back-to-back calls (on a GPU the device
 keeps up: a blend takes a few µs there, a launch tens); a batch gives the median call, batches are
 interleaved over rounds, and the ratio is taken per round, then its median and interval
-(benchmarks/intervals.py). Rows also time the C++
-op called directly (torch.ops.bypass_kernels.blend_, no Python checks), and a tiny tensor where the
-CPU's compute is negligible. Re-run on another version of the package with
-    python benchmarks/microbench.py --host-cost-only --device cpu --threads 2 --out-host ...
+(benchmarks/intervals.py). Rows also time the C++ op called directly (torch.ops.bypass_kernels.blend_,
+no Python checks), and a tiny tensor where the CPU's compute is negligible. Re-run on another
+version of the package (rows carry its last code commit) with
+    python benchmarks/microbench.py --host-cost-only --device cpu --threads 1 --host-cost-out PATH.csv
 
 Rows go to benchmarks/results/<device>-microbench.csv and <device>-host_cost.csv; plot them with
 benchmarks/plot.py.
@@ -40,6 +40,7 @@ from common import (
     environment,
     graph_time_us,
     interleaved_median_us,
+    interleaved_samples_us,
     kernels_per_call,
 )
 from intervals import median_ci, paired_overhead_pct
@@ -74,15 +75,23 @@ def providers(device: torch.device, table, t):
         return m.add_(h)
 
     rows = {"eager_3op": eager_3op, "eager_item": eager_item, "eager_gather": eager_gather, "add_floor": add_floor}
-    for name in ("triton", "cuda", "cpu", "torch"):
+    for name in timed_backends(device):
+        rows[name] = lambda m, h, name=name: bypass_kernels.blend_(m, h, table, t, backend=name)
+    return rows
+
+
+def timed_backends(device: torch.device, names=("triton", "cuda", "cpu", "torch")) -> list[str]:
+    """The backends among ``names`` that run on ``device`` here, Triton's interpreter left out (it is
+    for correctness, not speed)."""
+    out = []
+    for name in names:
         try:
             backends.require(name, device.type)
         except bypass_kernels.BackendUnavailableError:
             continue
-        if name == "triton" and backends._triton_interpret():
-            continue  # the interpreter is for correctness, not speed
-        rows[name] = lambda m, h, name=name: bypass_kernels.blend_(m, h, table, t, backend=name)
-    return rows
+        if not (name == "triton" and backends._triton_interpret()):
+            out.append(name)
+    return out
 
 
 def measure(provider, call, plain_us, m, device, args, size_name, dtype_name, copy_gbps, env) -> list[dict]:
@@ -126,17 +135,10 @@ def host_calls(device: torch.device, table, t, m, h) -> dict:
     here and ``auto``, and the C++ op called directly where the extension serves this device."""
     m_add = m.clone()
     calls = {("add_", ""): functools.partial(m_add.add_, h)}
-    for name in ("auto", "cuda", "triton", "cpu", "torch"):
-        try:
-            backends.require(name, device.type)
-        except bypass_kernels.BackendUnavailableError:
-            continue
-        if name == "triton" and backends._triton_interpret():
-            continue
+    for name in timed_backends(device, ("auto", "cuda", "triton", "cpu", "torch")):
         calls[("blend_", name)] = functools.partial(bypass_kernels.blend_, m, h, table, t, backend=name)
-    native = {"cuda": "cuda", "cpu": "cpu"}[device.type] if device.type in ("cuda", "cpu") else None
-    if native and ("blend_", native) in calls:
-        calls[("op", native)] = functools.partial(torch.ops.bypass_kernels.blend_, m, h, table, t)
+    if ("blend_", device.type) in calls:  # the C++ kernel of this device type ("cuda", "cpu") is built
+        calls[("op", device.type)] = functools.partial(torch.ops.bypass_kernels.blend_, m, h, table, t)
     return calls
 
 
@@ -181,10 +183,7 @@ def host_cost_rows(device, table, sizes, dtypes, *, rounds: int, calls: int, env
             for fn in fns.values():
                 for _ in range(5):  # warm-up: auto's choice cached, Triton compiled
                     fn()
-            samples = {key: [] for key in fns}
-            for _ in range(rounds):
-                for key, fn in fns.items():
-                    samples[key].append(host_time_us(fn, device, calls))
+            samples = interleaved_samples_us(fns, device, rounds=rounds, timer=host_time_us, calls=calls)
             ref = samples[("add_", "")]
             for (call, backend), values in samples.items():
                 us, lo, hi = median_ci(values)
