@@ -46,10 +46,11 @@ any_step() {
   fi
   local limit=$((cap < left ? cap : left))
   stamp "$name (limit ${limit}s)"
+  # SIGINT first: pytest still writes its junit xml, a benchmark keeps the rows it appended.
   if declare -F "$1" >/dev/null; then
-    timeout -k 10 "$limit" bash -c '"$@"' _ "$@"  # a function: exported below, run by a child bash
+    timeout -s INT -k 10 "$limit" bash -c '"$@"' _ "$@"  # a function: exported below, run by a child bash
   else
-    timeout -k 10 "$limit" "$@"
+    timeout -s INT -k 10 "$limit" "$@"
   fi
   rc=$?
   case $rc in
@@ -106,7 +107,7 @@ if $have_gpu; then
   # do it once in the background while the extension builds and the tests run (the traced graph does
   # not use the extension), so the compile step below loads the graphs from Inductor's on-disk cache.
   stamp "compile warm-up in the background: SD1.5, reduce-overhead and default"
-  (BYPASS_KERNELS_DISABLE_NATIVE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout -k 10 240 \
+  (BYPASS_KERNELS_DISABLE_NATIVE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout -s INT -k 10 200 \
     "$PY" benchmarks/unet_step.py --warm-only --models sd15 --modes reduce-overhead compile 2>&1 \
     | sed -u 's/^/[warm-up] /') &
   warm_pid=$!

@@ -144,6 +144,7 @@ def why_not(model, inputs, mode, device) -> str | None:
         if device.type != "cuda":
             return "skipped: CUDA graphs need a CUDA device"
         with torch.inference_mode():
+            model(**inputs, return_dict=False)  # first call unmonitored: lazy set-up (kernel loading) is not a step
             syncs = host_syncs(lambda: model(**inputs, return_dict=False), device)
         if syncs:
             return f"skipped: its eager step syncs with the host ({syncs} synchronizing calls); capture forbids that"
