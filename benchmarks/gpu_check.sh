@@ -97,10 +97,10 @@ export -f show_environment install_wheels install_package unet
 
 $have_gpu || stamp "dry run: no CUDA GPU visible (or GPU_CHECK_DRY_RUN=1); GPU steps are skipped"
 any_step "environment" 30 show_environment
-if ! $have_gpu || ! "$PY" -c "import diffusers" 2>/dev/null; then
-  step "carried wheels (diffusers)" 30 install_wheels
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+# Always the carried wheels, first on the path: the pinned diffusers, and setuptools >= 77 for
+# pyproject.toml's license string (the machine's own versions are unknown).
+step "carried wheels (diffusers, setuptools)" 30 install_wheels
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 warm_pid=
 if $have_gpu; then
   # Compiling the SD1.5-shaped UNet (unpatched and patched, two modes) is the longest part of the run:
