@@ -28,7 +28,7 @@ import tiny_pipelines  # noqa: E402
 FIRST = BypassSchedule.linear(0.8, t_min=300)
 SECOND = BypassSchedule.constant(0.9)
 ORDERS = ["patch_first", "offload_first"]
-GPU = [pytest.mark.gpu, gpu]
+GPU = [gpu]
 
 
 @pytest.fixture(scope="module", autouse=True)
