@@ -99,7 +99,7 @@ $have_gpu || stamp "dry run: no CUDA GPU visible (or GPU_CHECK_DRY_RUN=1); GPU s
 any_step "environment" 30 show_environment
 # Always the carried wheels, first on the path: the pinned diffusers, and setuptools >= 77 for
 # pyproject.toml's license string (the machine's own versions are unknown).
-step "carried wheels (diffusers, setuptools)" 30 install_wheels
+step "carried wheels (diffusers, accelerate, setuptools)" 30 install_wheels
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 warm_pid=
 if $have_gpu; then
