@@ -1,18 +1,24 @@
 """Controlled experiment: do deeper UNets amplify bias, and does the mid-block bypass change it?
 
-One command regenerates everything (models, CSV, plots, the README table, the shipped checkpoint):
+One command per data set regenerates everything (models, CSV, plots, the README table, the shipped
+checkpoint); see the README's "Evidence" section for the committed runs and their times:
 
-    python benchmarks/bias_experiment.py    # ~50 min on 2 CPU cores (depth 3 trains in ~17); --device cuda on a GPU
+    python benchmarks/bias_experiment.py --dataset digits     # --device cuda on a GPU
+    python benchmarks/bias_experiment.py --dataset shapes
 
-1. Data: bypass_kernels.shapes (16×16 red/blue squares/circles; blue circles 1.6%, circles 40%).
-2. Models: diffusers UNet2DModel, identical but for ``layers_per_block`` (the depth), trained with
-   the same seed, data order and step count (epsilon prediction, DDPM noise schedule, EMA weights).
-   Training is resumable: checkpoints live in runs/bias/<depth>/.
-3. Sampling: the same seeds for every setting, DDIM, with and without bypass over a grid of
-   strengths and active ranges.
-4. Metrics with 95% intervals: each group's share of valid samples against its training share
-   (Wilson), total-variation distance to the training mix and pixel diversity (bootstrap), and the
-   valid-shape fraction as a quality proxy (Wilson).
+1. Data (bypass_kernels.experiments): ``digits``, real 8×8 handwritten 0s and 1s from scikit-learn's
+   bundled ``load_digits`` in red or blue ink, read back by a classifier trained on a held-out split;
+   ``shapes``, 16×16 red/blue squares/circles read back analytically. Both: minority 1.6%, majority 47%.
+2. Models: diffusers UNet2DModel, identical but for ``layers_per_block`` (the depth), several training
+   seeds each, every model trained to the same quality gate (valid fraction of gate samples), not a
+   fixed step count. Resumable: checkpoints in runs/bias/<dataset>/depth<d>-seed<s>/.
+3. Sampling: the same starting noise for every model and setting, DDIM, with and without bypass over
+   a grid of strengths and active ranges, temporary and constant. Samples are kept, so a rerun only
+   recomputes metrics.
+4. Metrics: per model and setting (one CSV row each), quality (valid fraction, classifier confidence),
+   group shares, total-variation distance to the training mix, diversity, pixel variance against the
+   training set's, distance to the nearest training image; across seeds, Student-t intervals of the
+   per-seed values and of paired differences (deeper minus shallower, bypass minus off).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import shutil
 import time
@@ -28,30 +35,19 @@ import torch
 from tqdm import tqdm
 
 from bypass_kernels import BypassSchedule, patched
-from bypass_kernels.sampling import ddim_sample, seeded_noise
-from bypass_kernels.shapes import GROUPS, GroupShares, make_dataset, read_attributes, wilson_interval
+from bypass_kernels.experiments import datasets
+from bypass_kernels.experiments.metrics import sample_metrics, t_interval
+from bypass_kernels.experiments.training import Gate, TrainConfig, sample, train_unet, unet_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
-SHIPPED = os.path.join(ROOT, "bypass_kernels", "data", "shapes16")
-
-
-def unet_config(depth: int) -> dict:
-    return dict(
-        sample_size=16,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=depth,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
+EVAL_SEED = 10_000
+DEFAULT_SETTING = "linear:0.3:500:999"  # default_schedule() on a 1,000-step model
 
 
 def grid(quick: bool) -> dict[str, BypassSchedule | None]:
-    """Bypass settings: strengths of the default shape, a later start, and permanent-bypass controls."""
+    """Bypass settings: strengths of the default shape, a later start, and constant controls (temporary and not)."""
     settings: dict[str, BypassSchedule | None] = {"off": None}
     for s in (0.3,) if quick else (0.15, 0.3, 0.5, 0.8):
         settings[f"linear:{s}:500:999"] = BypassSchedule.linear(s, t_min=500, t_max=999)
@@ -62,297 +58,337 @@ def grid(quick: bool) -> dict[str, BypassSchedule | None]:
     return settings
 
 
-# --------------------------------------------------------------------- training
-def train(depth: int, args) -> str:
-    from diffusers import DDPMScheduler, UNet2DModel
+def model_folder(args, depth: int, seed: int) -> str:
+    return os.path.join(args.runs, args.dataset, f"depth{depth}-seed{seed}")
 
-    folder = os.path.join(args.runs, f"depth{depth}")
-    final = os.path.join(folder, "final")
-    if os.path.isdir(final):
-        return final
-    os.makedirs(folder, exist_ok=True)
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    model = UNet2DModel(**unet_config(depth)).to(device)
-    ema = UNet2DModel(**unet_config(depth)).to(device)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    noise_schedule = DDPMScheduler(num_train_timesteps=1000)
-    images, _ = make_dataset(args.train_size, seed=args.seed)
-    step, ckpt = 0, os.path.join(folder, "checkpoint.pt")
-    if os.path.exists(ckpt):  # resume
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        torch.set_rng_state(state["rng"])
-    alphas = noise_schedule.alphas_cumprod.to(device)
-    gen = torch.Generator().manual_seed(args.seed + step)  # data order: the same for every depth
-    bar = tqdm(total=args.steps, initial=step, desc=f"training depth {depth}", unit="step", dynamic_ncols=True)
-    start = time.perf_counter()
-    model.train()
-    while step < args.steps:
-        index = torch.randint(0, images.shape[0], (args.batch,), generator=gen)
-        x0 = images[index].to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        lr = args.lr * min(1.0, (step + 1) / 200)  # short warm-up
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = torch.nn.functional.mse_loss(model(xt, t).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - decay)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            state = dict(
-                model=model.state_dict(),
-                ema=ema.state_dict(),
-                optimizer=optimizer.state_dict(),
-                step=step,
-                rng=torch.get_rng_state(),
+
+# --------------------------------------------------------------------- the runs
+def train_all(args, spec, train_images) -> dict[tuple[int, int], str]:
+    def quality(images):
+        attrs = spec.read(images)
+        row = {"quality": float(attrs["valid"].float().mean())}
+        if "confidence" in attrs:
+            conf = attrs["confidence"]
+            row |= {"confidence_median": float(conf.median()), "confidence_q10": float(conf.quantile(0.1))}
+        return row
+
+    gate = Gate(
+        level=None if args.steps else args.gate_level,
+        every=args.gate_every,
+        samples=args.gate_samples,
+        sample_steps=args.gate_sample_steps,
+        min_steps=args.min_steps,
+        max_steps=args.steps or args.max_steps,
+    )
+    train = TrainConfig(batch=args.batch, lr=args.lr, ema=args.ema)
+    finals = {}
+    for seed in args.seeds:  # seed-major: a short run still covers every depth
+        for depth in args.depths:
+            if args.finished_only:
+                final = os.path.join(model_folder(args, depth, seed), "final")
+                if os.path.isfile(os.path.join(final, "training.json")):
+                    finals[depth, seed] = final
+                continue
+            finals[depth, seed] = train_unet(
+                unet_config(depth, size=spec.shape[-1], channels=spec.shape[0], widths=tuple(args.widths)),
+                train_images,
+                folder=model_folder(args, depth, seed),
+                seed=seed,
+                device=args.device,
+                quality=quality,
+                gate=gate,
+                train=train,
+                info={"dataset": args.dataset, "depth": depth, "train_size": args.train_size},
+                desc=f"{args.dataset} depth {depth} seed {seed}",
             )
-            torch.save(state, ckpt + ".tmp")
-            os.replace(ckpt + ".tmp", ckpt)
+    return finals
+
+
+def evaluate(args, spec, train_images, finals) -> list[dict]:
+    from diffusers import UNet2DModel
+
+    rows = []
+    settings = grid(args.quick)
+    bar = tqdm(total=len(finals) * len(settings), desc="sampling", dynamic_ncols=True)
+    for (depth, seed), final in finals.items():
+        with open(os.path.join(final, "training.json"), encoding="utf-8") as f:
+            training = json.load(f)
+        unet = UNet2DModel.from_pretrained(final, low_cpu_mem_usage=False).to(args.device).eval()
+        for name, schedule in settings.items():
+            path = os.path.join(os.path.dirname(final), f"samples-{args.samples}-{args.sample_steps}-{name}.pt")
+            if os.path.exists(path):  # resume: sampled before
+                images = torch.load(path).float()
+            else:
+                with patched(unet, schedule or BypassSchedule.constant(0.0)):
+                    images = sample(unet, args.samples, args.sample_steps, EVAL_SEED, args.device, spec.shape)
+                tmp = f"{path}.{os.getpid()}.tmp"  # another process may be sampling the same model
+                torch.save(images.half(), tmp)
+                os.replace(tmp, path)
+            kind, strength, t_min, t_max = name.split(":") if schedule else ("off", 0, 0, 0)
+            rows.append(
+                {
+                    "dataset": args.dataset,
+                    "depth": depth,
+                    "seed": seed,
+                    "setting": name,
+                    "shape": kind,
+                    "strength": float(strength),
+                    "t_min": int(t_min),
+                    "t_max": int(t_max),
+                    "parameters": sum(p.numel() for p in unet.parameters()),
+                    "train_steps": training["steps"],
+                    "stop_reason": training["stop_reason"],
+                    "gate_level": training["gate"]["level"],
+                    "gate_quality_at_stop": training["history"][-1]["quality"] if training["history"] else math.nan,
+                    "train_seconds": round(training["train_seconds"], 1),
+                    **sample_metrics(images, spec.read(images), spec.groups, spec.shares, train_images),
+                }
+            )
+            bar.update(1)
     bar.close()
-    ema.eval().save_pretrained(final)
-    with open(os.path.join(final, "training.json"), "w", encoding="utf-8") as f:
-        json.dump(
-            {
-                "depth": depth,
-                "steps": args.steps,
-                "batch": args.batch,
-                "lr": args.lr,
-                "ema": args.ema,
-                "seed": args.seed,
-                "train_size": args.train_size,
-                "seconds_this_run": time.perf_counter() - start,
-                "device": str(device),
-            },
-            f,
-            indent=2,
+    return rows
+
+
+# --------------------------------------------------------------------- summaries across seeds
+METRICS = ("valid", "confidence", "tv_distance", "diversity", "variance_ratio", "nn_train")
+
+
+def by_key(rows):
+    return {(r["depth"], r["seed"], r["setting"]): r for r in rows}
+
+
+def summarize(rows: list[dict], groups: tuple[str, ...]) -> list[dict]:
+    """Per (depth, setting): the seed mean and t-interval of every metric."""
+    out = []
+    keys = sorted({(r["depth"], r["setting"]) for r in rows}, key=lambda k: (k[0], list(grid(False)).index(k[1])))
+    for depth, setting in keys:
+        sub = [r for r in rows if r["depth"] == depth and r["setting"] == setting]
+        row = {"depth": depth, "setting": setting, "seeds": len(sub)}
+        for m in (*METRICS, *groups):
+            row[m], row[f"{m}_lo"], row[f"{m}_hi"] = t_interval([r[m] for r in sub])
+        out.append(row)
+    return out
+
+
+def paired(rows, metric: str, pairs) -> tuple[float, float, float, int]:
+    """t-interval of per-pair differences ``a - b`` for ``pairs`` of row keys present in ``rows``."""
+    table = by_key(rows)
+    diffs = [table[a][metric] - table[b][metric] for a, b in pairs if a in table and b in table]
+    return (*t_interval(diffs), len(diffs))
+
+
+def fmt(mean, lo, hi, digits=3) -> str:
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def verdicts(rows: list[dict], groups: tuple[str, ...]) -> list[str]:
+    """The two claims, as paired differences with t-intervals over training seeds."""
+    depths = sorted({r["depth"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    settings = [s for s in grid(False) if s in {r["setting"] for r in rows}]
+    majority, minority = groups[0], groups[-1]
+    lines = ["**Deeper minus shallower, no bypass** (paired by training seed; 95% t-intervals over seeds):", ""]
+    lines += ["| comparison | majority share | minority share | TV to training | variance ratio | valid |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for a, b in [(d, depths[0]) for d in depths[1:]]:
+        pairs = [((a, s, "off"), (b, s, "off")) for s in seeds]
+        cells = []
+        for m in (majority, minority, "tv_distance", "variance_ratio", "valid"):
+            mean, lo, hi, _ = paired(rows, m, pairs)
+            cells.append(fmt(mean, lo, hi))
+        lines.append(f"| depth {a} − depth {b} | " + " | ".join(cells) + " |")
+    lines += ["", "**Bypass minus off**, paired by model (all depths × seeds; 95% t-intervals over models):", ""]
+    lines += ["| setting | valid | diversity | variance ratio | minority share | TV to training | models |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    models = sorted({(r["depth"], r["seed"]) for r in rows})
+    for setting in settings[1:]:
+        pairs = [((d, s, setting), (d, s, "off")) for d, s in models]
+        cells = []
+        for m, digits in (("valid", 3), ("diversity", 3), ("variance_ratio", 3), (minority, 3), ("tv_distance", 3)):
+            mean, lo, hi, n = paired(rows, m, pairs)
+            cells.append(fmt(mean, lo, hi, digits))
+        lines.append(f"| {setting} | " + " | ".join(cells) + f" | {n} |")
+    return lines
+
+
+def markdown(rows, summary, groups, report) -> str:
+    lines = []
+    if report:
+        lines += [
+            f"Classifier ({report['classifier']}): held-out test accuracy {report['test_accuracy']:.3f} on "
+            f"{report['test_images']} digits never seen by the diffusion models (0 vs 1: "
+            f"{report['test_accuracy_0_1']:.3f}); real test 0s and 1s accepted as valid at confidence ≥ "
+            f"{report['min_confidence']}: {report['real_0_1_accepted_as_valid']:.3f}.",
+            "",
+            "Confusion matrix (rows: true digit 0–9; columns: " + ", ".join(report["confusion_columns"]) + "):",
+            "",
+            "| true | " + " | ".join(report["confusion_columns"]) + " |",
+            "|---|" + "---|" * len(report["confusion_columns"]),
+        ]
+        lines += [f"| {i} | " + " | ".join(map(str, row)) + " |" for i, row in enumerate(report["confusion_matrix"])]
+        lines.append("")
+    lines += ["Training to the gate (one line per model):", ""]
+    lines += [
+        "| depth | seed | parameters | steps | stopped by | gate quality at stop | valid at evaluation | minutes |"
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["setting"] == "off"), key=lambda r: (r["depth"], r["seed"])):
+        lines.append(
+            f"| {r['depth']} | {r['seed']} | {r['parameters']:,} | {r['train_steps']} | {r['stop_reason']} | "
+            f"{r['gate_quality_at_stop']:.3f} | {r['valid']:.3f} | {r['train_seconds'] / 60:.1f} |"
         )
-    return final
+    lines += ["", "Seed means with 95% t-intervals over training seeds (shares are of valid samples):", ""]
+    header = ["depth", "setting", "valid", *groups, "TV to training", "diversity", "variance ratio", "NN distance"]
+    lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    lines.append(
+        "| training set | — | 1 | " + " | ".join(f"{rows[0][f'{g}_train']:.3f}" for g in groups) + " | 0 | — | 1 | — |"
+    )
+    shown = ("off", DEFAULT_SETTING, "linear:0.8:500:999", "constant:0.3:0:999")
+    for s in summary:
+        if s["setting"] not in shown:
+            continue
+        cells = [fmt(s[m], s[f"{m}_lo"], s[f"{m}_hi"]) for m in ("valid", *groups, "tv_distance")]
+        cells += [fmt(s[m], s[f"{m}_lo"], s[f"{m}_hi"], 2) for m in ("diversity", "variance_ratio", "nn_train")]
+        lines.append(f"| {s['depth']} | {s['setting']} | " + " | ".join(cells) + " |")
+    lines += ["", *verdicts(rows, groups)]
+    return "\n".join(lines)
 
 
-# --------------------------------------------------------------------- sampling and metrics
-def sample(unet, n: int, steps: int, seed: int, device) -> torch.Tensor:
-    """DDIM (eta = 0) from fixed seeds: the same starting noise for every model and setting."""
-    return torch.cat([ddim_sample(unet, x, steps).cpu() for x in seeded_noise(n, (3, 16, 16), seed, device)])
-
-
-def bootstrap(values_fn, n: int, reps: int = 200, seed: int = 0) -> tuple[float, float]:
-    gen = torch.Generator().manual_seed(seed)
-    stats = torch.tensor([values_fn(torch.randint(0, n, (n,), generator=gen)) for _ in range(reps)])
-    return float(stats.quantile(0.025)), float(stats.quantile(0.975))
-
-
-def metrics(images: torch.Tensor, train_shares: dict[str, float]) -> dict:
-    attrs = read_attributes(images)
-    groups, valid = attrs["group"], attrs["valid"]
-    n, n_valid = len(groups), int(valid.sum())
-    row = {"n": n, "valid": n_valid / n}
-    row["valid_lo"], row["valid_hi"] = wilson_interval(n_valid, n)
-    target = torch.tensor([train_shares[g] for g in GROUPS])
-    for i, name in enumerate(GROUPS):
-        k = int((groups == i).sum())
-        row[f"{name}"] = k / max(n_valid, 1)
-        row[f"{name}_lo"], row[f"{name}_hi"] = wilson_interval(k, n_valid)
-        row[f"{name}_train"] = train_shares[name]
-
-    def tv(index):
-        g = groups[index]
-        g = g[g >= 0]
-        if len(g) == 0:
-            return float("nan")  # no valid sample: no distribution to compare
-        counts = torch.bincount(g, minlength=len(GROUPS)).float()
-        return float(0.5 * (counts / counts.sum() - target).abs().sum())
-
-    everyone = torch.arange(n)
-    row["tv_distance"] = tv(everyone)
-    row["tv_lo"], row["tv_hi"] = bootstrap(tv, n)
-    # Pixel diversity: mean pairwise L2 distance of valid samples (bootstrap over samples).
-    sub = images[valid][:400].flatten(1)
-    dist = torch.cdist(sub, sub)
-    m = len(sub)
-
-    def diversity(index):
-        d = dist[index][:, index]
-        return float(d.sum() / max(1, m * (m - 1)))
-
-    row["diversity"] = diversity(torch.arange(m))
-    row["diversity_lo"], row["diversity_hi"] = bootstrap(diversity, m) if m > 1 else (0.0, 0.0)
-    return row
-
-
-# --------------------------------------------------------------------- reporting
-def plot(rows: list[dict], path: str) -> None:
+# --------------------------------------------------------------------- plots
+def plot(rows, summary, groups, finals, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     depths = sorted({r["depth"] for r in rows})
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    off = {r["depth"]: r for r in rows if r["setting"] == "off"}
-    for name, colour in zip(GROUPS, ("tab:red", "tab:blue", "salmon", "navy"), strict=True):
-        ys = [off[d][name] for d in depths]
-        err = [
-            [off[d][name] - off[d][f"{name}_lo"] for d in depths],
-            [off[d][f"{name}_hi"] - off[d][name] for d in depths],
-        ]
-        axes[0].errorbar(depths, ys, yerr=err, marker="o", color=colour, label=name, capsize=3)
-        axes[0].axhline(off[depths[0]][f"{name}_train"], color=colour, ls=":", lw=1)
-    axes[0].set_xlabel("layers per block (depth)")
-    axes[0].set_ylabel("share of valid samples (dotted: training share)")
-    axes[0].set_yscale("log")
-    axes[0].set_title("No bypass: group shares by depth")
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    axes = axes.flatten()
+    off = {s["depth"]: s for s in summary if s["setting"] == "off"}
+    colours = ("tab:red", "tab:blue", "salmon", "navy")
+    for g, colour in zip(groups, colours, strict=True):
+        ys = [off[d][g] for d in depths]
+        err = [[off[d][g] - off[d][f"{g}_lo"] for d in depths], [off[d][f"{g}_hi"] - off[d][g] for d in depths]]
+        axes[0].errorbar(depths, ys, yerr=err, marker="o", color=colour, label=g, capsize=3)
+        for r in rows:
+            if r["setting"] == "off":
+                axes[0].scatter(r["depth"] + 0.05, max(r[g], 1e-3), color=colour, s=8, alpha=0.5)
+        axes[0].axhline(rows[0][f"{g}_train"], color=colour, ls=":", lw=1)
+    axes[0].set(xlabel="layers per block (depth)", ylabel="share of valid samples (dotted: training)", yscale="log")
+    axes[0].set_title("No bypass: group shares (seed mean, 95% t; dots: seeds)")
     axes[0].legend(fontsize=7)
-    for metric, ax, label in (
-        ("blue_circle", axes[1], "minority (blue circle) share"),
-        ("valid", axes[2], "valid shapes"),
-    ):
+    panels = (("valid", "valid fraction (quality)"), ("diversity", "diversity (mean pairwise L2)"))
+    panels += (("variance_ratio", "pixel variance / training"), (groups[-1], f"minority ({groups[-1]}) share"))
+    for ax, (metric, label) in zip(axes[1:5], panels, strict=True):
         for d in depths:
-            sub = [
-                r
-                for r in rows
-                if r["depth"] == d and r["setting"].startswith("linear") and r["setting"].endswith(":500:999")
-            ]
-            sub.sort(key=lambda r: r["strength"])
-            xs = [0.0] + [r["strength"] for r in sub]
-            ys = [off[d][metric]] + [r[metric] for r in sub]
-            lo = [off[d][f"{metric}_lo"]] + [r[f"{metric}_lo"] for r in sub]
-            hi = [off[d][f"{metric}_hi"]] + [r[f"{metric}_hi"] for r in sub]
-            ax.plot(xs, ys, marker="o", label=f"depth {d}")
-            ax.fill_between(xs, lo, hi, alpha=0.15)
-        ax.set_xlabel("bypass strength (linear, t in [500, 999])")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} vs bypass strength")
+            sub = [s for s in summary if s["depth"] == d and s["setting"].startswith("linear")]
+            sub = [s for s in sub if s["setting"].endswith(":500:999")]
+            sub.sort(key=lambda s: float(s["setting"].split(":")[1]))
+            xs = [0.0] + [float(s["setting"].split(":")[1]) for s in sub]
+            pts = [off[d], *sub]
+            ax.plot(xs, [p[metric] for p in pts], marker="o", label=f"depth {d}")
+            ax.fill_between(xs, [p[f"{metric}_lo"] for p in pts], [p[f"{metric}_hi"] for p in pts], alpha=0.15)
+        ax.set(xlabel="bypass strength (linear, t in [500, 999])", ylabel=label, title=f"{label} vs strength")
         ax.legend(fontsize=7)
-    axes[1].axhline(rows[0]["blue_circle_train"], color="k", ls=":", lw=1)
+    axes[4].axhline(rows[0][f"{groups[-1]}_train"], color="k", ls=":", lw=1)
+    for (depth, seed), final in finals.items():
+        with open(os.path.join(final, "training.json"), encoding="utf-8") as f:
+            history = json.load(f)["history"]
+        label = f"depth {depth}" if seed == min(s for _, s in finals) else None
+        steps, quality = [h["step"] for h in history], [h["quality"] for h in history]
+        axes[5].plot(steps, quality, color=f"C{depths.index(depth)}", label=label)
+    if rows[0]["gate_level"] is not None:
+        axes[5].axhline(rows[0]["gate_level"], color="k", ls=":", lw=1)
+    axes[5].set(xlabel="training step", ylabel="valid fraction of gate samples", title="training to the gate (dotted)")
+    axes[5].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = [
-        "| depth | setting | valid | red square | blue square | red circle | blue circle (minority) "
-        "| TV to training | diversity |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    train = rows[0]
-    lines.append(
-        f"| training set | — | 1.000 | {train['red_square_train']:.3f} | {train['blue_square_train']:.3f} | "
-        f"{train['red_circle_train']:.3f} | {train['blue_circle_train']:.3f} | 0 | — |"
-    )
-    for r in rows:
-        if r["setting"] not in ("off", "linear:0.3:500:999", "linear:0.5:500:999", "linear:0.8:500:999"):
-            continue
-        cells = [f"{r[g]:.3f} [{r[g + '_lo']:.3f}, {r[g + '_hi']:.3f}]" for g in GROUPS]
-        lines.append(
-            f"| {r['depth']} | {r['setting']} | {r['valid']:.3f} | "
-            + " | ".join(cells)
-            + f" | {r['tv_distance']:.3f} [{r['tv_lo']:.3f}, {r['tv_hi']:.3f}] | {r['diversity']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-def ship_checkpoint(final: str, command: str) -> None:
-    """The smallest model, fp16 safetensors, into the package (the default of `bypass-kernels generate`)."""
+def ship_checkpoint(final: str, spec, command: str, report: dict | None, classifier_path: str | None) -> str:
+    """The shallowest model of the first seed, fp16 safetensors, into the package (for `generate`)."""
     from diffusers import UNet2DModel
 
+    target = datasets.shipped_folder(spec.name)
     model = UNet2DModel.from_pretrained(final, low_cpu_mem_usage=False).half()
-    if os.path.isdir(SHIPPED):
-        shutil.rmtree(SHIPPED)
-    model.save_pretrained(SHIPPED, safe_serialization=True)
+    if os.path.isdir(target):
+        shutil.rmtree(target)
+    model.save_pretrained(target, safe_serialization=True)
+    if classifier_path:
+        shutil.copy(classifier_path, os.path.join(target, "classifier.json"))
     with open(os.path.join(final, "training.json"), encoding="utf-8") as f:
         training = json.load(f)
-    with open(os.path.join(SHIPPED, "PROVENANCE.json"), "w", encoding="utf-8") as f:
-        json.dump(
-            {
-                "command": command,
-                "training": training,
-                "data": "bypass_kernels.shapes.make_dataset (default GroupShares)",
-            },
-            f,
-            indent=2,
-        )
+    provenance = {"command": command, "training": training, "data": spec.description}
+    if report:
+        provenance["classifier"] = {k: v for k, v in report.items() if k != "confusion_matrix"}
+    with open(os.path.join(target, "PROVENANCE.json"), "w", encoding="utf-8") as f:
+        json.dump(provenance, f, indent=2)
+    return target
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depths", type=int, nargs="*", default=[1, 2, 3])
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--dataset", default="digits", choices=datasets.NAMES)
+    parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--gate-level", type=float, default=0.85, help="valid fraction of gate samples to reach")
+    parser.add_argument("--gate-every", type=int, default=250, help="steps between gate checks (and checkpoints)")
+    parser.add_argument("--gate-samples", type=int, default=256)
+    parser.add_argument("--gate-sample-steps", type=int, default=10)
+    parser.add_argument("--min-steps", type=int, default=500)
+    parser.add_argument("--max-steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead (no gate)")
+    parser.add_argument("--widths", type=int, nargs=2, default=[16, 32], help="block_out_channels")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.995)
-    parser.add_argument("--train-size", type=int, default=50000)
-    parser.add_argument("--samples", type=int, default=2000)
-    parser.add_argument("--sample-steps", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--train-size", type=int, default=20000)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--runs", default=os.path.join(ROOT, "runs", "bias"))
     parser.add_argument("--results", default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="a small grid (smoke tests)")
     parser.add_argument("--no-ship", action="store_true", help="do not replace the shipped checkpoint")
-    args = parser.parse_args()
-    command = "python benchmarks/bias_experiment.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}"
-        for k, v in vars(args).items()
-        if k in ("steps", "batch", "lr", "ema", "train_size", "seed") and v is not None
+    parser.add_argument(
+        "--finished-only", action="store_true", help="train nothing: evaluate the models already trained to the end"
     )
-    from diffusers import UNet2DModel
-
-    device = torch.device(args.device)
-    train_shares = GroupShares().shares()
-    rows = []
-    finals = {}
-    for depth in args.depths:
-        finals[depth] = train(depth, args)
-    for depth in args.depths:
-        unet = UNet2DModel.from_pretrained(finals[depth], low_cpu_mem_usage=False).to(device).eval()
-        for name, schedule in tqdm(grid(args.quick).items(), desc=f"sampling depth {depth}", dynamic_ncols=True):
-            if schedule is None:
-                images = sample(unet, args.samples, args.sample_steps, args.seed + 10_000, device)
-            else:
-                with patched(unet, schedule):
-                    images = sample(unet, args.samples, args.sample_steps, args.seed + 10_000, device)
-            # Kept beside the model, so the metrics can be recomputed without sampling again.
-            torch.save(images.half(), os.path.join(args.runs, f"depth{depth}", f"samples-{name.replace(':', '_')}.pt"))
-            row = {
-                "depth": depth,
-                "setting": name,
-                "strength": schedule.max_strength if schedule else 0.0,
-                "parameters": sum(p.numel() for p in unet.parameters()),
-                **metrics(images, train_shares),
-            }
-            rows.append(row)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    skip = {"device", "runs", "results", "no_ship", "threads", "finished_only"}
+    command = "python benchmarks/bias_experiment.py " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items()
+        if k not in skip and v is not False
+    ).replace(" True", "")
+    workdir = os.path.join(args.runs, args.dataset)
+    spec, report = datasets.load(args.dataset, workdir)
+    train_images, _ = spec.make(args.train_size, 0)  # one data set for every depth and seed
+    finals = train_all(args, spec, train_images)
+    rows = evaluate(args, spec, train_images, finals)
+    summary = summarize(rows, spec.groups)
     os.makedirs(args.results, exist_ok=True)
-    with open(os.path.join(args.results, "bias_experiment.csv"), "w", newline="", encoding="utf-8") as f:
+    stem = os.path.join(args.results, f"bias_experiment_{args.dataset}")
+    with open(stem + ".csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
-    plot(rows, os.path.join(args.results, "bias_experiment.png"))
-    table = markdown_table(rows)
-    with open(os.path.join(args.results, "bias_experiment.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
-    print(table)
+    plot(rows, summary, spec.groups, finals, stem + ".png")
+    text = markdown(rows, summary, spec.groups, report)
+    with open(stem + ".md", "w", encoding="utf-8") as f:
+        f.write(f"`{command}`\n\n{text}\n")
+    print(text)
     if not args.no_ship:
-        ship_checkpoint(finals[min(args.depths)], command)
-        print(f"shipped {finals[min(args.depths)]} -> {SHIPPED}")
+        first = finals[min(args.depths), min(args.seeds)]
+        classifier = os.path.join(workdir, "classifier.json") if args.dataset == "digits" else None
+        print(f"shipped {first} -> {ship_checkpoint(first, spec, command, report, classifier)}")
+    print(f"done in {(time.perf_counter() - start) / 60:.1f} min (this invocation)")
 
 
 if __name__ == "__main__":

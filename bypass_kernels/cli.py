@@ -89,8 +89,8 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def cmd_run(args) -> int:
+    from bypass_kernels.experiments.sampling import ddim_sample
     from bypass_kernels.presets import example_inputs, load_unet
-    from bypass_kernels.sampling import ddim_sample
 
     device, dtype = _device(args.device), _dtype(args.dtype)
     schedule = BypassSchedule.parse(args.schedule)  # a bad spec fails before the model loads
@@ -115,10 +115,6 @@ def cmd_run(args) -> int:
         diff = (latents.float() - baseline.float()).abs()
         print(f"final latents vs the unpatched model: mean |diff| {diff.mean():.4g}, max {diff.max():.4g}")
     return 0
-
-
-def shipped_model_folder() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes16")
 
 
 def _image_grid(rows: list[torch.Tensor], path: str, labels: list[str]) -> None:
@@ -147,14 +143,21 @@ def _image_grid(rows: list[torch.Tensor], path: str, labels: list[str]) -> None:
 def cmd_generate(args) -> int:
     from diffusers import UNet2DModel
 
-    from bypass_kernels.sampling import ddim_sample, seeded_noise
-    from bypass_kernels.shapes import GROUPS, group_counts, read_attributes
+    from bypass_kernels.experiments import datasets
+    from bypass_kernels.experiments.metrics import group_counts
+    from bypass_kernels.experiments.sampling import ddim_sample, seeded_noise
 
-    folder = args.model or shipped_model_folder()
+    name = args.model or "shapes"
+    shipped = name in datasets.NAMES
+    folder = datasets.shipped_folder(name) if shipped else name
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise ValueError(
             f"model: no diffusers model at {folder!r}"
-            + ("" if args.model else "; the shipped checkpoint is missing (python benchmarks/bias_experiment.py)")
+            + (
+                f"; the shipped checkpoint is missing (python benchmarks/bias_experiment.py --dataset {name})"
+                if shipped
+                else ""
+            )
         )
     if UNet2DModel.load_config(folder).get("_class_name") != "UNet2DModel":
         raise ValueError("model: generate takes an unconditional UNet2DModel folder (e.g. a DDPM checkpoint)")
@@ -170,12 +173,14 @@ def cmd_generate(args) -> int:
     path = os.path.join(args.out, "grid.png")
     _image_grid([plain[:64], bypassed[:64]], path, ["without bypass", f"with bypass: {schedule!r}"])
     print(f"model {folder}, {args.n} samples, {args.steps} DDIM steps, seed {args.seed}")
-    if shape == (3, 16, 16):
-        width = max(len(g) for g in GROUPS) + 2
-        counts = [group_counts(read_attributes(x)["group"]) for x in (plain, bypassed)]
+    reader = datasets.reader_for(folder, dict(unet.config))
+    if reader is not None:
+        groups, read = reader
+        width = max(len(g) for g in groups) + 2
+        counts = [group_counts(read(images.cpu())["group"], groups) for images in (plain, bypassed)]
         print(f"{'group':<{width}} {'without':>8} {'with':>8}")
-        for name in (*GROUPS, "invalid"):
-            print(f"{name:<{width}} {counts[0][name]:>8} {counts[1][name]:>8}")
+        for g in (*groups, "invalid"):
+            print(f"{g:<{width}} {counts[0][g]:>8} {counts[1][g]:>8}")
     print(f"wrote {path}")
     return 0
 
@@ -231,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="images with and without bypass from the shipped model, offline")
     gen.add_argument("--out", default="generated", help="output folder (grid.png)")
-    gen.add_argument("--model", default=None, help="a local UNet2DModel folder (default: the shipped shapes model)")
+    gen.add_argument(
+        "--model", default=None, help="a shipped model (shapes, the default; digits) or a local UNet2DModel folder"
+    )
     gen.add_argument("--schedule", default="default", help=SCHEDULE_HELP)
     gen.add_argument("--n", type=_positive_int, default=256, help="samples per setting")
     gen.add_argument("--steps", type=_positive_int, default=25)

@@ -1,16 +1,12 @@
-"""The synthetic data set of the bias experiment, its analytic read-back, and the experiment's plumbing."""
+"""The synthetic shapes data set of the bias experiment and its analytic read-back."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from bypass_kernels.shapes import GROUPS, GroupShares, group_counts, make_dataset, read_attributes, wilson_interval
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bypass_kernels.experiments.metrics import group_counts, wilson_interval
+from bypass_kernels.experiments.shapes import GROUPS, GroupShares, make_dataset, read_attributes
 
 
 def test_attributes_read_back_exactly():
@@ -26,7 +22,7 @@ def test_default_shares_are_shaped_like_the_papers_celeba_case():
     assert shares["blue_circle"] < 0.02  # the minority group: under 2%
     assert shares["red_circle"] + shares["blue_circle"] == pytest.approx(0.40)  # a class of about 40%
     _, groups = make_dataset(50000, seed=0)
-    counts = group_counts(groups)
+    counts = group_counts(groups, GROUPS)
     for name in GROUPS:
         assert counts[name] / 50000 == pytest.approx(shares[name], abs=0.01)
 
@@ -46,46 +42,3 @@ def test_wilson_interval():
     lo, hi = wilson_interval(0, 100)
     assert lo == 0.0 and 0 < hi < 0.05
     assert math.isclose(sum(wilson_interval(50, 100)), 1.0)
-
-
-def test_experiment_runs_end_to_end(tmp_path):
-    """The whole pipeline on a toy budget (the real run is documented in the README)."""
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "benchmarks", "bias_experiment.py"),
-        "--depths",
-        "1",
-        "2",
-        "--steps",
-        "6",
-        "--batch",
-        "8",
-        "--train-size",
-        "256",
-        "--samples",
-        "24",
-        "--sample-steps",
-        "3",
-        "--quick",
-        "--no-ship",
-        "--runs",
-        str(tmp_path / "runs"),
-        "--results",
-        str(tmp_path / "results"),
-        "--checkpoint-every",
-        "4",
-        "--device",
-        "cpu",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert sorted(os.listdir(tmp_path / "results")) == [
-        "bias_experiment.csv",
-        "bias_experiment.md",
-        "bias_experiment.png",
-    ]
-    lines = (tmp_path / "results" / "bias_experiment.csv").read_text().splitlines()
-    assert len(lines) == 1 + 2 * 2  # header + 2 depths x (off, one bypass setting)
-    # Resumable: a second run finds the finished models and trains nothing.
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "training depth" not in again.stderr

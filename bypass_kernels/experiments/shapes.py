@@ -12,7 +12,6 @@ its bounding box it fills (a square fills ~100%, a circle ~π/4).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -107,20 +106,3 @@ def _spans_are_contiguous(occupied: torch.Tensor) -> torch.Tensor:
     first = occupied.float().argmax(1)
     last = occupied.shape[1] - 1 - occupied.flip(1).float().argmax(1)
     return occupied.sum(1) == (last - first + 1)
-
-
-def group_counts(groups: torch.Tensor) -> dict[str, int]:
-    out = {name: int((groups == i).sum()) for i, name in enumerate(GROUPS)}
-    out["invalid"] = int((groups < 0).sum())
-    return out
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
