@@ -32,6 +32,7 @@ import shutil
 import time
 
 import torch
+from common import environment
 from tqdm import tqdm
 
 from bypass_kernels import BypassSchedule, patched
@@ -393,6 +394,8 @@ def main() -> None:
     train_images, _ = spec.make(args.train_size, 0)  # one data set for every depth and seed
     finals = train_all(args, spec, train_images)
     rows = evaluate(args, spec, train_images, finals)
+    env = environment(torch.device(args.device))  # device, versions and date in every row, as the other results
+    rows = [{**r, **env} for r in rows]
     summary = summarize(rows, spec.groups)
     os.makedirs(args.results, exist_ok=True)
     stem = os.path.join(args.results, f"bias_experiment_{args.dataset}")
