@@ -94,6 +94,15 @@ def hand_hook(unet, weight_of):
     return handles
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; several threads on a shared CPU slow them ten-fold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd():
     return build_unet("tiny-sd")

@@ -33,13 +33,7 @@ def lam_of(t: float) -> float:
     return STRENGTH * (i - T_MIN) / (T_MAX - T_MIN) if i >= T_MIN else 0.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: one thread is fastest, and several threads on a shared CPU slow these tests ten-fold.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

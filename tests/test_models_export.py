@@ -22,12 +22,7 @@ SCHEDULE = BypassSchedule.linear(0.8, t_min=300)
 NOT_WRITTEN_FOR = ["simple-cross-attn", "kandinsky", "unet3d", "motion", "svd", "i2vgen-xl"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flat(inputs: dict) -> dict:
