@@ -14,12 +14,11 @@ import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
 import torch
+from bypass_kernels.export import staging
 from torch import nn
 
 from bypass_kernels import patching
@@ -40,6 +39,8 @@ class ExportResult:
     fp16: bool
     schedule_as_input: bool
     files: list[str] = field(default_factory=list)
+    max_error: float | None = None  # ONNX Runtime against PyTorch, relative (None: not checked)
+    text_len: int | None = None  # the encoder_hidden_states length exported with (None: no text input)
 
 
 class UNetForExport(nn.Module):
@@ -132,8 +133,10 @@ _DIM_NAMES = {
 }
 
 
-def _finish_graph(path: str, schedule: BypassSchedule, *, schedule_as_input: bool) -> None:
-    """Readable dimension names, the schedule under its own name, and metadata for deployment."""
+def _finish_graph(path: str, schedule: BypassSchedule, *, schedule_as_input: bool, meta: dict[str, str]) -> None:
+    """Readable dimension names, the schedule under its own name, metadata for deployment, and the
+    weights moved to a file with a fresh name (``<graph>.<id>.data``) so that publishing the graph is
+    one atomic rename."""
     import onnx
 
     from bypass_kernels import __version__
@@ -146,15 +149,35 @@ def _finish_graph(path: str, schedule: BypassSchedule, *, schedule_as_input: boo
     names = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
     if SCHEDULE_NAME not in names:
         raise RuntimeError(f"export: the graph has no {SCHEDULE_NAME!r} (exporter renamed it); please report this")
+    folder = os.path.dirname(path)
+    fresh = staging.data_name(os.path.basename(path))
+    renamed: dict[str, str] = {}
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                if entry.value not in renamed:
+                    renamed[entry.value] = fresh if not renamed else staging.data_name(os.path.basename(path))
+                    os.replace(os.path.join(folder, entry.value), os.path.join(folder, renamed[entry.value]))
+                entry.value = renamed[entry.value]
     del model.metadata_props[:]
     for key, value in {
         "bypass_kernels.version": __version__,
         "bypass_kernels.schedule": json.dumps(schedule.to_dict()),
         "bypass_kernels.schedule_as_input": str(schedule_as_input).lower(),
+        **{f"bypass_kernels.{key}": value for key, value in meta.items()},
     }.items():
         model.metadata_props.add(key=key, value=value)
     onnx.save_model(model, path)
     onnx.checker.check_model(path)
+
+
+def graph_metadata(path: str) -> dict[str, str]:
+    """The ``bypass_kernels.*`` metadata of an exported graph (without the ``bypass_kernels.`` prefix)."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    prefix = "bypass_kernels."
+    return {p.key[len(prefix) :]: p.value for p in model.metadata_props if p.key.startswith(prefix)}
 
 
 def _check_target(path: str, overwrite: bool) -> str:
@@ -164,6 +187,8 @@ def _check_target(path: str, overwrite: bool) -> str:
         raise ValueError(f"path: the folder {folder!r} does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"path: the folder {folder!r} is not writable")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path: {path!r} is a folder")
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"path: {path!r} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     return path
@@ -181,12 +206,132 @@ def _export_state(model, schedule):
             warnings.warn(
                 "to_onnx: the model is not patched and no schedule was given; exporting with default_schedule() "
                 f"= {schedule!r}",
-                stacklevel=3,
+                stacklevel=4,
             )
         else:
             schedule = own
     with patching.patched(unet, schedule, backend="torch"):
         yield unet, schedule
+
+
+# Video UNets fold frames into the batch before the mid-block and take 5-D samples (or extra
+# conditioning); the graph's inputs and the per-sample timestep are defined for image UNets only.
+VIDEO_UNETS = ("UNet3DConditionModel", "UNetSpatioTemporalConditionModel", "UNetMotionModel", "I2VGenXLUNet")
+
+
+def _refuse_video_unet(unet) -> None:
+    names = {cls.__name__ for cls in type(unet).__mro__}
+    video = sorted(names & set(VIDEO_UNETS))
+    if video:
+        raise TypeError(
+            f"to_onnx: {video[0]} is a video UNet, which this export does not support: its sample is 5-D "
+            "[batch, channels, frames, height, width] (and it takes frame-level conditioning), while the graph's "
+            "inputs (sample [batch, channels, height, width], timestep [1] or [batch]) and the bypass's "
+            "per-sample λ are defined for image UNets (UNet2DModel, UNet2DConditionModel); patch and run it in "
+            "PyTorch instead"
+        )
+
+
+# Timestep sets the export is checked at: one for the batch, fractional, x.5 ties, out of range, per sample.
+CHECK_TIMESTEPS = ([999.0], [980.5, 620.25], [499.5, 500.5], [2000.0, -3.0], [750.0, 10.0])
+
+
+def check_tolerance(fp16: bool) -> float:
+    """The largest relative error an export accepts against the patched PyTorch model."""
+    return 2e-2 if fp16 else 1e-4
+
+
+def _verify(path: str, unet: nn.Module, inputs: dict[str, torch.Tensor], fp16: bool) -> float:
+    """ONNX Runtime on the staged graph against the patched PyTorch model; raises past the tolerance."""
+    session = onnxruntime_session(path, ["CPUExecutionProvider"])
+    count = next(i.shape[0] for i in session.get_inputs() if i.name == "timestep")
+    timesteps = CHECK_TIMESTEPS
+    if isinstance(count, int):  # a static graph (dynamic_batch=False): exactly ``count`` values
+        timesteps = [t * count if len(t) == 1 else t for t in CHECK_TIMESTEPS]
+        timesteps = [t for t in timesteps if len(t) == count]
+    error = max_relative_error(session, unet, inputs, timesteps)
+    limit = check_tolerance(fp16)
+    if not error <= limit:
+        raise RuntimeError(f"export check: ONNX Runtime differs from PyTorch by {error:.3g} (limit {limit:g})")
+    return error
+
+
+def verify_export(path: str, model, schedule: BypassSchedule, *, schedule_as_input: bool, fp16: bool) -> float:
+    """Compare the graph at ``path`` (ONNX Runtime, CPU) with ``model`` patched with ``schedule`` at
+    :data:`CHECK_TIMESTEPS`; returns the largest relative error, raises RuntimeError past
+    :func:`check_tolerance`. The model is left as it was."""
+    unet, _ = patching._find_unet(model)
+    with patching.patched(unet, schedule, backend="torch"):
+        inputs = export_inputs(unet)
+        if schedule_as_input:
+            inputs[SCHEDULE_NAME] = schedule.table()
+        return _verify(path, unet, inputs, fp16)
+
+
+def export_to_staging(
+    model,
+    stage: staging.Staging,
+    name: str,
+    schedule: BypassSchedule | None = None,
+    *,
+    opset: int | None = None,
+    fp16: bool = False,
+    dynamic_batch: bool = True,
+    dynamic_shape: bool = True,
+    schedule_as_input: bool = False,
+    batch: int = 2,
+    check: bool = True,
+) -> ExportResult:
+    """The work of :func:`to_onnx`, written into ``stage`` (nothing under a final name): export, finish,
+    and (``check``) verify with ONNX Runtime. ``result.files`` are the staged file names."""
+    import onnx  # noqa: F401  (fail early with the install hint below)
+
+    opset = DEFAULT_OPSET if opset is None else opset
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset: the graph needs ONNX opset {MIN_OPSET} or newer, got {opset!r}")
+    if schedule is not None and not isinstance(schedule, BypassSchedule):
+        raise TypeError(f"schedule: expected a BypassSchedule, got {type(schedule).__name__}")
+    _refuse_video_unet(getattr(model, "unet", model))  # a pipeline's or the model itself
+    patching._find_unet(model)  # a clear error for objects with no mid-block, before touching files
+
+    with _export_state(model, schedule) as (unet, schedule):
+        source = copy.deepcopy(unet).half() if fp16 else unet  # the copy keeps the patch; its table stays fp32
+        dtype = torch.float16 if fp16 else None
+        wrapper = UNetForExport(source, None if schedule_as_input else schedule).eval()
+        inputs = export_inputs(source, batch=batch, dtype=dtype)
+        if schedule_as_input:
+            inputs[SCHEDULE_NAME] = schedule.table()
+        factor = _downsampling_factor(source)
+        dynamic = _dynamic_shapes(inputs, factor=factor, dynamic_batch=dynamic_batch, dynamic_shape=dynamic_shape)
+        staged = stage.file(name)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper,
+                (),
+                staged,
+                kwargs=inputs,
+                input_names=list(inputs),
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=dynamic,
+                opset_version=opset,
+                dynamo=True,
+                external_data=True,
+                verbose=False,
+            )
+        meta = {
+            "fp16": str(fp16).lower(),
+            "latent_size": str(inputs["sample"].shape[2]),
+            "latent_multiple": str(factor),
+            "unet_config": json.dumps(dict(unet.config), default=list),
+        }
+        if "encoder_hidden_states" in inputs:
+            meta["text_len"] = str(inputs["encoder_hidden_states"].shape[1])  # the length exported with
+        _finish_graph(staged, schedule, schedule_as_input=schedule_as_input, meta=meta)
+        files = sorted(n for n in os.listdir(stage.path) if n == name or n.startswith(name + "."))
+    error = verify_export(staged, model, schedule, schedule_as_input=schedule_as_input, fp16=fp16) if check else None
+    text_len = int(meta["text_len"]) if "text_len" in meta else None
+    return ExportResult(staged, list(inputs), schedule, opset, fp16, schedule_as_input, files, error, text_len)
 
 
 def to_onnx(
@@ -201,64 +346,41 @@ def to_onnx(
     schedule_as_input: bool = False,
     overwrite: bool = False,
     batch: int = 2,
+    check: bool = True,
 ) -> ExportResult:
     """Export ``model`` (a UNet or a pipeline) to ONNX at ``path`` with the bypass in the graph.
 
     A patched model exports with its own schedule; ``schedule=`` exports with that one instead;
     an unpatched model with no schedule exports with :func:`default_schedule` and warns. The
     model itself is not changed. ``fp16`` exports half-precision weights and activations; the
-    ``timestep`` input is float32 either way. Models over 2 GB get their weights in
-    ``<path>.data`` beside the graph. On error no file is left behind.
+    ``timestep`` input is float32 either way. The weights go to ``<path>.<id>.data`` beside the
+    graph (a fresh name per export). The graph's metadata holds the schedule, the UNet's config and
+    the text length it was exported with (``text_len``: 77 for SD/SDXL, 8 for the tiny presets).
+
+    Kill-safe: everything is written and (``check=True``, the default) compared with the patched
+    PyTorch model in ONNX Runtime inside a staging folder beside ``path``; only then do the files
+    get their final names, the graph last, so a previous export at ``path`` is replaced whole or
+    not at all. On error nothing is left behind; a staging folder left by a killed export is
+    removed by the next export into that folder. Video UNets raise TypeError (see ``VIDEO_UNETS``).
     """
-    import onnx  # noqa: F401  (fail early with the install hint below)
-
-    opset = DEFAULT_OPSET if opset is None else opset
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ValueError(f"opset: the graph needs ONNX opset {MIN_OPSET} or newer, got {opset!r}")
-    if schedule is not None and not isinstance(schedule, BypassSchedule):
-        raise TypeError(f"schedule: expected a BypassSchedule, got {type(schedule).__name__}")
-    patching._find_unet(model)  # a clear error for objects with no mid-block, before touching files
     path = _check_target(path, overwrite)
-
-    with _export_state(model, schedule) as (unet, schedule):
-        source = copy.deepcopy(unet).half() if fp16 else unet  # the copy keeps the patch; its table stays fp32
-        dtype = torch.float16 if fp16 else None
-        wrapper = UNetForExport(source, None if schedule_as_input else schedule).eval()
-        inputs = export_inputs(source, batch=batch, dtype=dtype)
-        if schedule_as_input:
-            inputs[SCHEDULE_NAME] = schedule.table()
-        dynamic = _dynamic_shapes(
-            inputs, factor=_downsampling_factor(source), dynamic_batch=dynamic_batch, dynamic_shape=dynamic_shape
+    with staging.Staging(os.path.dirname(path)) as stage:
+        result = export_to_staging(
+            model,
+            stage,
+            os.path.basename(path),
+            schedule,
+            opset=opset,
+            fp16=fp16,
+            dynamic_batch=dynamic_batch,
+            dynamic_shape=dynamic_shape,
+            schedule_as_input=schedule_as_input,
+            batch=batch,
+            check=check,
         )
-        staging = tempfile.mkdtemp(prefix=".bypass_export_", dir=os.path.dirname(path))
-        try:
-            staged = os.path.join(staging, os.path.basename(path))
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    wrapper,
-                    (),
-                    staged,
-                    kwargs=inputs,
-                    input_names=list(inputs),
-                    output_names=[OUTPUT_NAME],
-                    dynamic_shapes=dynamic,
-                    opset_version=opset,
-                    dynamo=True,
-                    external_data=True,
-                    verbose=False,
-                )
-            _finish_graph(staged, schedule, schedule_as_input=schedule_as_input)
-            files = []
-            for name in sorted(os.listdir(staging)):
-                target = os.path.join(os.path.dirname(path), name)
-                if os.path.exists(target) and not overwrite:
-                    raise FileExistsError(f"{target!r} exists; pass overwrite=True to replace it")
-                os.replace(os.path.join(staging, name), target)
-                files.append(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return ExportResult(path, list(inputs), schedule, opset, fp16, schedule_as_input, files)
+        result.files = stage.publish(result.files, overwrite=overwrite, graph=os.path.basename(path))
+        result.path = path
+    return result
 
 
 def onnxruntime_session(path: str, providers: list[str] | None = None):
