@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
+
+from bypass_kernels.export.onnx_export import CHECK_TIMESTEPS
 
 ONNX_NAME = "unet.onnx"
 ENGINE_NAME = "unet.plan"
-CHECK_TIMESTEPS = ([999.0], [980.5, 620.25], [499.5, 500.5], [2000.0, -3.0], [750.0, 10.0])
 
 
 class Progress:
@@ -34,6 +38,11 @@ def add_export_parser(sub, schedule_help: str, func) -> None:
     p.add_argument("--schedule", default=None, help=schedule_help + " (default: default_schedule())")
     p.add_argument("--fp16", action="store_true", help="half-precision graph (timestep stays float32)")
     p.add_argument("--engine", action="store_true", help="also build a TensorRT engine (needs tensorrt and a GPU)")
+    p.add_argument("--batch", default=None, help="engine batch range: N or MIN:OPT:MAX (default 1:2:8)")
+    p.add_argument(
+        "--resolution", default=None, help="engine image size range in pixels: N or MIN:OPT:MAX (default: ½× to 2×)"
+    )
+    p.add_argument("--text-len", default=None, help="engine text length range: N or MIN:OPT:MAX (default: exported)")
     p.add_argument("--schedule-as-input", action="store_true", help="make bypass_schedule a graph input")
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
@@ -41,92 +50,153 @@ def add_export_parser(sub, schedule_help: str, func) -> None:
     p.set_defaults(func=func)
 
 
-def _prepare_out(folder: str, names: list[str], overwrite: bool) -> list[str]:
+def _prepare_out(folder: str, names: list[str], overwrite: bool) -> tuple[str, bool]:
+    """The output folder (created if missing: the flag says so), checked before any work."""
     folder = os.path.abspath(folder)
+    created = False
+    if not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise NotADirectoryError(f"--out: {folder!r} is a file, not a folder")
+        try:
+            os.makedirs(folder)
+            created = True
+        except OSError as exc:
+            raise PermissionError(f"--out: cannot create {folder!r} ({exc.strerror})") from None
     try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise PermissionError(f"--out: cannot create {folder!r} ({exc.strerror})") from None
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"--out: {folder!r} is not writable")
-    paths = [os.path.join(folder, n) for n in names]
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not overwrite:
-        raise FileExistsError(f"--out: {', '.join(existing)} exist(s); pass --overwrite to replace")
-    return paths
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"--out: {folder!r} is not writable")
+        existing = [n for n in names if os.path.lexists(os.path.join(folder, n))]
+        if existing and not overwrite:
+            raise FileExistsError(f"--out: {', '.join(existing)} exist(s) in {folder}; pass --overwrite to replace")
+    except BaseException:
+        _remove_if_created(folder, created)
+        raise
+    return folder, created
 
 
-def _check_onnx(unet, path: str, schedule, schedule_as_input: bool) -> float:
-    """Largest error of ONNX Runtime against the patched PyTorch model, relative to the output's range."""
-    from bypass_kernels.export.onnx_export import SCHEDULE_NAME, export_inputs, max_relative_error, onnxruntime_session
+def _remove_if_created(folder: str, created: bool) -> None:
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # only if empty: never anything else's files
 
-    import bypass_kernels
 
-    with bypass_kernels.patched(unet, schedule, backend="torch"):
-        inputs = export_inputs(unet)
-        if schedule_as_input:
-            inputs[SCHEDULE_NAME] = schedule.table()
-        return max_relative_error(onnxruntime_session(path), unet, inputs, CHECK_TIMESTEPS)
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM ends the export through the normal clean-up (staging removed, no folder left)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(exc: BaseException) -> BaseException:
+    """User errors print as one line (the first of a long message)."""
+    text = str(exc).strip()
+    if "\n" not in text:
+        return exc
+    first = text.splitlines()[0]
+    try:
+        return type(exc)(first)
+    except Exception:
+        return RuntimeError(first)
 
 
 def run_export(args) -> int:
-    from bypass_kernels.export import build_engine, to_onnx
+    try:
+        with _terminate_as_exit():
+            return _run_export(args)
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        raise _one_line(exc) from None
+
+
+def _run_export(args) -> int:
+    from bypass_kernels.export import staging
+    from bypass_kernels.export.onnx_export import export_to_staging, verify_export
+    from bypass_kernels.export.profiles import parse_range
 
     from bypass_kernels.presets import load_unet
     from bypass_kernels.schedule import BypassSchedule, default_schedule
 
-    names = [ONNX_NAME, ONNX_NAME + ".data", "config.json", "bypass_schedule.json"] + (
-        [ENGINE_NAME] if args.engine else []
-    )
-    onnx_path, _data, config_path, schedule_path, *engine = _prepare_out(args.out, names, args.overwrite)
+    ranges = {}
+    for option, value in (("--batch", args.batch), ("--resolution", args.resolution), ("--text-len", args.text_len)):
+        if value is not None:
+            if not args.engine:
+                raise ValueError(f"{option}: an engine shape range; it needs --engine")
+            ranges[option.lstrip("-").replace("-", "_")] = parse_range(option, value)
     if args.engine:
         import importlib.util
 
         if importlib.util.find_spec("tensorrt") is None:
             raise ValueError("--engine: TensorRT is not installed here (`pip install tensorrt`, needs an NVIDIA GPU)")
-    schedule = BypassSchedule.parse(args.schedule) if args.schedule else default_schedule()
-    progress = Progress(3 + (not args.no_check) + bool(args.engine))
-
-    progress.begin(f"loading {args.model}")
-    unet = load_unet(args.model)
-    progress.end(f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters")
-
-    progress.begin(f"exporting ONNX ({'fp16' if args.fp16 else 'fp32'}) with {schedule!r}")
-    result = to_onnx(
-        unet,
-        onnx_path,
-        schedule,
-        opset=args.opset,
-        fp16=args.fp16,
-        overwrite=args.overwrite,
-        schedule_as_input=args.schedule_as_input,
-    )
-    progress.end(f"inputs {', '.join(result.input_names)}")
-    written = list(result.files)
     try:
-        progress.begin("writing config.json and bypass_schedule.json")
-        with open(config_path, "w", encoding="utf-8") as f:
-            json.dump(dict(unet.config), f, indent=2, default=list)
-        written.append(config_path)
-        with open(schedule_path, "w", encoding="utf-8") as f:
-            json.dump(schedule.to_dict(), f)
-        written.append(schedule_path)
-        progress.end()
-        if not args.no_check:
-            progress.begin(f"checking with ONNX Runtime at {len(CHECK_TIMESTEPS)} timestep sets")
-            error = _check_onnx(unet, onnx_path, schedule, args.schedule_as_input)
-            limit = 2e-2 if args.fp16 else 1e-4
-            if error > limit:
-                raise RuntimeError(f"ONNX Runtime differs from PyTorch by {error:.3g} (limit {limit:g})")
-            progress.end(f"max relative error {error:.3g}")
-        if args.engine:
-            progress.begin("building the TensorRT engine")
-            written.append(build_engine(onnx_path, engine[0], fp16=True, overwrite=args.overwrite))
+        schedule = BypassSchedule.parse(args.schedule) if args.schedule else default_schedule()
+    except (KeyError, OverflowError, ValueError, TypeError) as exc:
+        message = str(exc) if not isinstance(exc, KeyError) else f"missing key {exc}"
+        raise ValueError(f"--schedule: {message}") from None
+    names = [ONNX_NAME, "config.json", "bypass_schedule.json"] + ([ENGINE_NAME] if args.engine else [])
+    folder, created = _prepare_out(args.out, names, args.overwrite)
+    progress = Progress(4 + (not args.no_check) + bool(args.engine))
+    try:
+        with staging.Staging(folder) as stage:
+            progress.begin(f"loading {args.model}")
+            unet = load_unet(args.model)
+            progress.end(f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters")
+
+            progress.begin(f"exporting ONNX ({'fp16' if args.fp16 else 'fp32'}) with {schedule!r}")
+            result = export_to_staging(
+                unet,
+                stage,
+                ONNX_NAME,
+                schedule,
+                opset=args.opset,
+                fp16=args.fp16,
+                schedule_as_input=args.schedule_as_input,
+                check=False,
+            )
+            progress.end(f"inputs {', '.join(result.input_names)}")
+            if not args.no_check:
+                progress.begin(f"checking with ONNX Runtime at {len(CHECK_TIMESTEPS)} timestep sets")
+                error = verify_export(
+                    result.path, unet, schedule, schedule_as_input=args.schedule_as_input, fp16=args.fp16
+                )
+                progress.end(f"max relative error {error:.3g}")
+
+            progress.begin("writing config.json and bypass_schedule.json")
+            config = dict(unet.config)
+            config["_bypass_kernels"] = {
+                "text_len": result.text_len,
+                "fp16": args.fp16,
+                "schedule_as_input": args.schedule_as_input,
+                "inputs": result.input_names,
+            }
+            with open(stage.file("config.json"), "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, default=list)
+            with open(stage.file("bypass_schedule.json"), "w", encoding="utf-8") as f:
+                json.dump(schedule.to_dict(), f)
+            progress.end()
+            staged = [*result.files, "config.json", "bypass_schedule.json"]
+            if args.engine:
+                from bypass_kernels.export.tensorrt import engine_bytes
+
+                progress.begin("building the TensorRT engine")
+                serialized = engine_bytes(result.path, **ranges)
+                with open(stage.file(ENGINE_NAME), "wb") as f:
+                    f.write(serialized)
+                staged.append(ENGINE_NAME)
+                progress.end()
+            progress.begin(f"publishing into {folder}")
+            written = stage.publish(staged, overwrite=args.overwrite, graph=ONNX_NAME)
             progress.end()
     except BaseException:
-        for path in written:  # no partial export left behind
-            if os.path.exists(path):
-                os.remove(path)
+        _remove_if_created(folder, created)
         raise
-    print("wrote " + ", ".join(os.path.relpath(p) for p in written if os.path.exists(p)))
+    print("wrote " + ", ".join(os.path.relpath(p) for p in written))
     return 0
