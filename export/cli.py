@@ -49,6 +49,11 @@ def add_export_parser(sub, schedule_help: str, func) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime comparison")
     p.set_defaults(func=func)
 
+    def one_line_error(message: str):  # argparse would print the usage first: user errors are one line
+        p.exit(2, f"{p.prog}: error: {message} (see --help)\n")
+
+    p.error = one_line_error
+
 
 def _prepare_out(folder: str, names: list[str], overwrite: bool) -> tuple[str, bool]:
     """The output folder (created if missing: the flag says so), checked before any work."""
