@@ -1,9 +1,12 @@
 """ONNX export with the schedule baked in, checked with ONNX Runtime; TensorRT where it exists."""
 
 import importlib.util
+import json
 import os
+import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from bypass_kernels.export import (
@@ -91,10 +94,16 @@ def test_export_leaves_the_model_as_it_was(sd_export):
         assert torch.equal(before, after), name
 
 
-def test_sdxl_schedule_as_input_serves_any_table(tmp_path):
+@pytest.fixture(scope="module")
+def sdxl_graph(tmp_path_factory):
     unet = build_unet("tiny-sdxl")
-    path = str(tmp_path / "xl.onnx")
+    path = str(tmp_path_factory.mktemp("xl") / "xl.onnx")
     result = to_onnx(unet, path, SCHEDULE, schedule_as_input=True)
+    return dict(unet=unet, path=path, result=result)
+
+
+def test_sdxl_schedule_as_input_serves_any_table(sdxl_graph):
+    unet, path, result = sdxl_graph["unet"], sdxl_graph["path"], sdxl_graph["result"]
     assert result.input_names == [
         "sample",
         "timestep",
@@ -116,6 +125,7 @@ def test_sdxl_schedule_as_input_serves_any_table(tmp_path):
     a = run_onnx(session, {**named, SCHEDULE_NAME: SCHEDULE.table()})
     b = run_onnx(session, {**named, SCHEDULE_NAME: other.table()})
     assert (a - b).abs().max() > 1e-3  # the run-time table changes the result
+    bypass_kernels.unpatch(unet)
 
 
 def test_fp16_graph_keeps_a_float32_timestep(tmp_path):
@@ -199,8 +209,10 @@ def test_cli_export_unconditional_unet(tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["export", "--model", "tiny-unet2d", "--out", str(out), "--schedule", "cosine:0.5:200"]) == 0
     text = capsys.readouterr().out
-    assert "[1/4]" in text and "[4/4]" in text and "max relative error" in text
-    assert sorted(os.listdir(out)) == ["bypass_schedule.json", "config.json", "unet.onnx", "unet.onnx.data"]
+    assert "[1/5]" in text and "[5/5]" in text and "max relative error" in text
+    names = sorted(os.listdir(out))
+    assert names[:3] == ["bypass_schedule.json", "config.json", "unet.onnx"] and len(names) == 4
+    assert re.fullmatch(r"unet\.onnx\.[0-9a-f]{12}\.data", names[3])
     model = onnx.load(str(out / "unet.onnx"))
     assert [i.name for i in model.graph.input] == ["sample", "timestep"]
     assert main(["export", "--model", "tiny-unet2d", "--out", str(out)]) == 2  # exists, no --overwrite
@@ -219,18 +231,11 @@ HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 @pytest.mark.skipif(not (HAS_TENSORRT and HAS_CUDA), reason="needs TensorRT and a CUDA GPU")
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_tensorrt_engine_matches_pytorch(sd_export, tmp_path, cuda_graph):
-    import json
-
     from bypass_kernels.export import TensorRTUNet, build_engine
 
     unet = sd_export["unet"]
     engine = build_engine(
-        sd_export["path"],
-        str(tmp_path / "unet.plan"),
-        fp16=False,
-        min_shapes={"sample": (1, 4, 8, 8)},
-        opt_shapes={"sample": (2, 4, 16, 16)},
-        max_shapes={"sample": (4, 4, 32, 32)},
+        sd_export["path"], str(tmp_path / "unet.plan"), fp16=False, batch=(1, 2, 4), resolution=(64, 128, 256)
     )
     (tmp_path / "config.json").write_text(json.dumps(dict(unet.config), default=list))
     runner = TensorRTUNet(engine, cuda_graph=cuda_graph)
@@ -241,3 +246,349 @@ def test_tensorrt_engine_matches_pytorch(sd_export, tmp_path, cuda_graph):
         got = runner(named["sample"].cuda(), named["timestep"].cuda(), named["encoder_hidden_states"].cuda()).sample
         err = float((got.cpu() - expected).abs().max() / expected.abs().max())
         assert err < 1e-3, (t, err)
+    with pytest.raises(ValueError, match=r"sample: shape \[1, 4, 64, 64\] is outside the engine's range"):
+        runner(torch.zeros(1, 4, 64, 64, device="cuda"), 10, torch.zeros(1, 8, 32, device="cuda"))
+
+
+# -- kill-safe export (issue 12, item 7) -------------------------------------------------------------
+
+KILL_SCRIPT = """
+import os, signal, sys
+from bypass_kernels.export import onnx_export
+from bypass_kernels.presets import build_unet
+from bypass_kernels import BypassSchedule
+
+mode, where, signame, out = sys.argv[1:5]
+real = getattr(onnx_export, where)
+
+def die(*args, **kwargs):  # the process is killed at this point of the export, by the signal named
+    print("reached", where, flush=True)
+    os.kill(os.getpid(), getattr(signal, signame))
+    return real(*args, **kwargs)
+
+setattr(onnx_export, where, die)
+if mode == "api":
+    onnx_export.to_onnx(build_unet("tiny-unet2d"), os.path.join(out, "unet.onnx"), BypassSchedule.linear(0.5))
+else:
+    from bypass_kernels.cli import main
+    sys.exit(main(["export", "--model", "tiny-unet2d", "--out", out]))
+"""
+
+
+def _killed_export(tmp_path, mode, where, signame, out):
+    import subprocess
+    import sys
+
+    script = tmp_path / "kill_export.py"
+    script.write_text(KILL_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), mode, where, signame, str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert "reached " + where in proc.stdout, proc.stderr[-2000:]
+    return proc
+
+
+def _staging_folders(folder):
+    return [n for n in os.listdir(folder) if n.startswith(".bypass_export")]
+
+
+def test_sigkill_while_writing_leaves_no_final_name_and_the_next_export_cleans_up(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = _killed_export(tmp_path, "api", "_finish_graph", "SIGKILL", out)
+    assert proc.returncode == -9
+    assert "unet.onnx" not in os.listdir(out)  # the graph was written, never published
+    debris = _staging_folders(out)
+    assert len(debris) == 1 and any(n.endswith(".data") for n in os.listdir(out / debris[0]))
+    to_onnx(build_unet("tiny-unet2d"), str(out / "unet.onnx"), SCHEDULE, check=False)
+    assert _staging_folders(out) == []  # the dead export's staging folder is gone
+    assert sorted(n.split(".")[-1] for n in os.listdir(out)) == ["data", "onnx"]
+
+
+def test_killed_during_the_onnxruntime_check_leaves_no_unverified_file(tmp_path):
+    out = tmp_path / "cli"  # the CLI creates it
+    proc = _killed_export(tmp_path, "cli", "_verify", "SIGKILL", out)
+    assert proc.returncode == -9
+    assert [n for n in os.listdir(out) if not n.startswith(".bypass_export")] == []
+
+
+def test_sigterm_during_the_check_cleans_up_everything_the_cli_made(tmp_path):
+    out = tmp_path / "cli"
+    proc = _killed_export(tmp_path, "cli", "_verify", "SIGTERM", out)
+    assert proc.returncode == 128 + 15
+    assert not out.exists()  # staging removed, and the folder it created too
+
+
+def test_live_exports_keep_their_staging_folder(tmp_path):
+    from bypass_kernels.export import staging
+
+    with staging.Staging(str(tmp_path)) as live:
+        assert staging.clean_stale(str(tmp_path)) == []  # its lock is held: not debris
+        assert os.path.isdir(live.path)
+        dead = tmp_path / (staging.STAGING_PREFIX + "1-deadbeef")
+        dead.mkdir()
+        (dead / ".lock").write_text("")
+        assert staging.clean_stale(str(tmp_path)) == [str(dead)]
+    assert os.listdir(tmp_path) == []
+
+
+def _snapshot(folder):
+    return {n: (folder / n).read_bytes() for n in os.listdir(folder)}
+
+
+@pytest.fixture(scope="module")
+def unet2d_export(tmp_path_factory):
+    """A finished export of the unconditional tiny UNet, copied by the tests that overwrite it."""
+    folder = tmp_path_factory.mktemp("unet2d")
+    to_onnx(build_unet("tiny-unet2d"), str(folder / "unet.onnx"), SCHEDULE)
+    return folder
+
+
+def _copy_of(folder, tmp_path):
+    import shutil
+
+    target = tmp_path / "out"
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_failed_overwrite_leaves_the_previous_export_whole(unet2d_export, tmp_path, monkeypatch):
+    """A real export into the folder of a previous one fails its ONNX Runtime check: nothing changes."""
+    from bypass_kernels.export import onnx_export
+
+    out = _copy_of(unet2d_export, tmp_path)
+    before = _snapshot(out)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("export check: injected failure")
+
+    monkeypatch.setattr(onnx_export, "_verify", fail)
+    unet = build_unet("tiny-unet2d")
+    with pytest.raises(RuntimeError, match="injected"):
+        to_onnx(unet, str(out / "unet.onnx"), BypassSchedule.constant(0.2), overwrite=True)
+    monkeypatch.undo()
+    assert _snapshot(out) == before  # same graph, same weights file, nothing new, no staging left
+    bypass_kernels.patch(unet, SCHEDULE)
+    _compare(unet, str(out / "unet.onnx"), export_inputs(unet), TIMESTEPS[:2])
+
+
+def _small_graph(folder, name, value):
+    """A real ONNX graph ``name`` whose one weight lives in an external file (as to_onnx writes them)."""
+    from bypass_kernels.export import staging
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.full((64,), value, dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])],
+        [weight],
+    )
+    data = staging.data_name(name)
+    onnx.save_model(
+        helper.make_model(graph), str(folder / name), save_as_external_data=True, location=data, size_threshold=0
+    )
+    return [name, data]
+
+
+@pytest.mark.parametrize("fail_on", [None, "unet.onnx", "config.json"])
+def test_publish_switches_graph_and_weights_together_or_not_at_all(tmp_path, monkeypatch, fail_on):
+    """Publishing into a folder that holds a previous export: the graph's rename is the switch. A failure
+    at any rename (the graph's own included) puts back every file; success removes the old weights."""
+    from bypass_kernels.export import staging
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = _small_graph(out, "unet.onnx", 1.0)
+    (out / "config.json").write_text("old")
+    before = _snapshot(out)
+    real = os.replace
+
+    def replace(src, dst):
+        if fail_on and str(dst).endswith(fail_on):
+            raise PermissionError("injected failure")
+        return real(src, dst)
+
+    with staging.Staging(str(out)) as stage:
+        new = _small_graph(tmp_path.joinpath(stage.path), "unet.onnx", 2.0)
+        (tmp_path / stage.path / "config.json").write_text("new")
+        monkeypatch.setattr(staging.os, "replace", replace)
+        if fail_on:
+            with pytest.raises(PermissionError, match="injected"):
+                stage.publish([*new, "config.json"], overwrite=True, graph="unet.onnx")
+        else:
+            stage.publish([*new, "config.json"], overwrite=True, graph="unet.onnx")
+        monkeypatch.undo()
+    if fail_on:
+        assert _snapshot(out) == before
+        return
+    assert sorted(os.listdir(out)) == sorted([*new, "config.json"]) and old[1] not in os.listdir(out)
+    session = onnxruntime_session(str(out / "unet.onnx"))
+    assert session.run(None, {"x": np.zeros(64, np.float32)})[0][0] == 2.0
+
+
+# -- CLI user errors (issue 12, item 6) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--model", "no-such-model"], "model"),
+        (["--model", "tiny-unet2d", "--batch", "1:9:4"], "--batch"),
+        (["--model", "tiny-unet2d", "--batch", "2"], "needs --engine"),
+        (["--model", "tiny-unet2d", "--engine", "--text-len", "a:b:c"], "--text-len"),
+        (["--model", "tiny-unet2d", "--schedule", '{"kind": "linear"}'], "schedule"),
+        (["--model", "tiny-unet2d", "--opset", "11"], "opset"),
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_line_and_leave_no_folder(tmp_path, capsys, extra, match):
+    out = tmp_path / "new"
+    assert main(["export", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and match in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [["--out", "x"], ["--model", "tiny-sd", "--out", "x", "--opset", "abc"]])
+def test_cli_argument_errors_are_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "error:" in err, err
+
+
+def test_cli_out_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert main(["export", "--model", "tiny-unet2d", "--out", str(target)]) == 2
+    assert "not a folder" in capsys.readouterr().err and target.read_text() == "x"
+
+
+# -- profiles from the graph's named dimensions (issue 11, findings 2 and 4) ---------------------------
+
+
+def test_text_len_is_stored_and_drives_the_default_profile(sd_export, sdxl_graph):
+    from bypass_kernels.export import default_profile, graph_metadata
+
+    assert graph_metadata(sd_export["path"])["text_len"] == "8" and sd_export["result"].text_len == 8
+    profile = default_profile(sd_export["path"])
+    assert profile["encoder_hidden_states"] == ((1, 8, 32), (2, 8, 32), (8, 8, 32))  # not 77
+    assert profile["sample"] == ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 32, 32))  # 128 px exported, 64..256
+    assert profile["timestep"] == ((1,), (1,), (8,))
+    xl = default_profile(sdxl_graph["path"], batch=(1, 4, 6), text_len=(8, 16, 77), resolution=(64, 128, 512))
+    for name in ("sample", "encoder_hidden_states", "text_embeds", "time_ids"):
+        assert [shape[0] for shape in xl[name]] == [1, 4, 6], name  # one batch range for every input
+    assert xl["encoder_hidden_states"][2] == (6, 77, 32) and xl["sample"][2] == (6, 4, 64, 64)
+    assert SCHEDULE_NAME not in xl  # static: no profile entry
+    for name, (lo, opt, hi) in xl.items():
+        assert all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)), name
+
+
+def test_real_sd_shapes_store_77(tmp_path):
+    from bypass_kernels.export.onnx_export import export_inputs as inputs_of
+
+    # The graph records the text length it was exported with; for SD-sized text encoders that is 77.
+    # (Exporting sd15 itself takes minutes; its example inputs are what the export uses.)
+    from diffusers import UNet2DConditionModel
+
+    from bypass_kernels.presets import PRESETS
+
+    config = dict(PRESETS["sd15"].config, block_out_channels=(32, 32, 32, 32), norm_num_groups=8, attention_head_dim=2)
+    tiny_with_sd_text = UNet2DConditionModel(**config)
+    assert inputs_of(tiny_with_sd_text)["encoder_hidden_states"].shape[1] == 77
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch": (1, 9, 8)}, r"batch \(for sample, encoder_hidden_states\): opt 9 lies outside min..max = 1..8"),
+        ({"batch": (0, 1, 2)}, "batch .*min must be at least 1"),
+        ({"batch": 2000}, "above the graph's limit 1024"),
+        ({"text_len": (77, 8, 77)}, r"text_len \(for encoder_hidden_states\): opt 8 lies outside"),
+        ({"resolution": (64, 100, 256)}, "resolution: 100 is not a multiple of 16"),
+        ({"resolution": (256, 128, 64)}, "min 256 is above max 64"),
+        ({"batch": "2"}, "batch.*three ints"),
+    ],
+)
+def test_profile_argument_errors_name_the_input_and_range(sd_export, kwargs, match):
+    from bypass_kernels.export import default_profile
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        default_profile(sd_export["path"], **kwargs)
+
+
+def test_profile_of_a_static_graph(tmp_path):
+    from bypass_kernels.export import default_profile
+
+    path = str(tmp_path / "static.onnx")
+    to_onnx(build_unet("tiny-unet2d"), path, SCHEDULE, dynamic_batch=False, dynamic_shape=False)
+    assert default_profile(path) == {}
+    with pytest.raises(ValueError, match="fixed at 2"):
+        default_profile(path, batch=(1, 2, 4))
+    with pytest.raises(ValueError, match="resolution: this graph's height and width are fixed"):
+        default_profile(path, resolution=128)
+
+
+def test_tensorrt_precision_rules():
+    """The decision table the builder applies (no TensorRT involved): FP16 only where BuilderFlag has it
+    (10.x, pyCore.cpp release/10.13); on 11.x (no FP16 member) the graph's own type decides."""
+    from bypass_kernels.export.tensorrt import precision_flags
+
+    assert precision_flags(graph_fp16=False, fp16=True, has_fp16_flag=True) == (["FP16"], [])
+    assert precision_flags(graph_fp16=False, fp16=None, has_fp16_flag=True) == ([], ["TF32"])
+    assert precision_flags(graph_fp16=True, fp16=None, has_fp16_flag=False) == ([], [])
+    assert precision_flags(graph_fp16=True, fp16=True, has_fp16_flag=True) == (["FP16"], [])
+    assert precision_flags(graph_fp16=False, fp16=False, has_fp16_flag=False) == ([], ["TF32"])
+    with pytest.raises(ValueError, match=r"TensorRT 11.4 builds strongly typed.*to_onnx\(\.\.\., fp16=True\)"):
+        precision_flags(graph_fp16=False, fp16=True, has_fp16_flag=False, version="11.4")
+    with pytest.raises(ValueError, match="this graph is fp16"):
+        precision_flags(graph_fp16=True, fp16=False, has_fp16_flag=True)
+
+
+# -- video UNets (issue 13): a clear refusal ------------------------------------------------------------
+
+
+def _video_unets():
+    from diffusers import I2VGenXLUNet, UNet3DConditionModel, UNetMotionModel, UNetSpatioTemporalConditionModel
+
+    common = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32)
+    yield lambda: UNet3DConditionModel(
+        **common,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    yield lambda: UNetSpatioTemporalConditionModel(
+        **common,
+        in_channels=8,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        num_attention_heads=(2, 4),
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=24,
+    )
+    yield lambda: UNetMotionModel(
+        **common,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+        norm_num_groups=16,
+    )
+    yield lambda: I2VGenXLUNet(
+        **common,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        attention_head_dim=8,
+        norm_num_groups=16,
+        num_attention_heads=None,
+    )
+
+
+@pytest.mark.parametrize("make", list(_video_unets()), ids=[n for n in bypass_kernels.export.VIDEO_UNETS])
+def test_video_unets_are_refused_with_the_reason(tmp_path, make):
+    unet = make()
+    name = type(unet).__name__
+    with pytest.raises(TypeError, match=rf"{name} is a video UNet.*5-D.*image UNets"):
+        to_onnx(unet, str(tmp_path / "v.onnx"), SCHEDULE)
+    assert os.listdir(tmp_path) == []
