@@ -383,14 +383,15 @@ def to_onnx(
     return result
 
 
-def onnxruntime_session(path: str, providers: list[str] | None = None):
-    """An ONNX Runtime session, on CUDA where the CUDA provider is present, else on the CPU."""
+def onnxruntime_session(path: str, providers: list[str] | None = None, options=None):
+    """An ONNX Runtime session, on CUDA where the CUDA provider is present, else on the CPU.
+    ``options``: an ``onnxruntime.SessionOptions``."""
     import onnxruntime as ort
 
     if providers is None:
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(path, providers=providers)
+    return ort.InferenceSession(path, sess_options=options, providers=providers)
 
 
 _ORT_FLOAT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}

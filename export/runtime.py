@@ -242,10 +242,12 @@ class OnnxRuntimeUNet(PipelineUNet):
     path); default: the config stored in the graph at export, else ``config.json`` beside it.
     ``providers``: ONNX Runtime execution providers (default: CUDA where present, else CPU).
     ``schedule``: for graphs exported with ``schedule_as_input=True``; default: the schedule the graph
-    was exported with (its metadata). ``set_schedule`` changes it between calls.
+    was exported with (its metadata). ``set_schedule`` changes it between calls. ``session_options``:
+    an ``onnxruntime.SessionOptions`` (e.g. threads, or ``session.intra_op.allow_spinning = "0"`` so
+    that idle ONNX Runtime threads do not spin while PyTorch runs the rest of the pipeline).
     """
 
-    def __init__(self, path: str, *, config=None, providers=None, schedule=None):
+    def __init__(self, path: str, *, config=None, providers=None, schedule=None, session_options=None):
         from bypass_kernels.export.onnx_export import graph_metadata, onnxruntime_session
 
         if not os.path.isfile(path):
@@ -254,7 +256,7 @@ class OnnxRuntimeUNet(PipelineUNet):
         if config is None and "unet_config" in meta:
             config = json.loads(meta["unet_config"])
         config = load_config(config, path)
-        self.session = onnxruntime_session(path, providers)
+        self.session = onnxruntime_session(path, providers, session_options)
         specs = self.session.get_inputs()
         self.input_shapes = {s.name: list(s.shape) for s in specs}
         self.input_dtypes = {s.name: _ORT_TYPES.get(s.type, torch.float32) for s in specs}

@@ -296,6 +296,12 @@ def test_sdxl_runner_needs_added_cond_and_a_table_of_the_right_length(sdxl):
 def test_config_sources(sd, tmp_path):
     _, path = sd
     assert OnnxRuntimeUNet(path, config={"in_channels": 4, "sample_size": 16}).config.sample_size == 16
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    runner = OnnxRuntimeUNet(path, session_options=options)
+    assert runner.session.get_session_options().intra_op_num_threads == 1
     with pytest.raises(FileNotFoundError, match="no graph"):
         OnnxRuntimeUNet(str(tmp_path / "missing.onnx"))
     with pytest.raises(TypeError, match="config"):
