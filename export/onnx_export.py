@@ -230,6 +230,31 @@ def _refuse_video_unet(unet) -> None:
             "per-sample λ are defined for image UNets (UNet2DModel, UNet2DConditionModel); patch and run it in "
             "PyTorch instead"
         )
+    _refuse_unmodelled_conditioning(unet)
+
+
+# Config keys whose conditioning the graph has no input for (the inputs are sample, timestep,
+# encoder_hidden_states, and text_embeds/time_ids for addition_embed_type="text_time").
+_UNMODELLED = {
+    "encoder_hid_dim": "a projection of encoder_hidden_states from encoder_hid_dim (DeepFloyd IF, Kandinsky)",
+    "class_embed_type": "class labels (class_embed_type)",
+    "num_class_embeds": "class labels (num_class_embeds)",
+}
+
+
+def _refuse_unmodelled_conditioning(unet) -> None:
+    config = getattr(unet, "config", None)
+    if config is None:
+        return
+    reasons = [why for key, why in _UNMODELLED.items() if getattr(config, key, None) is not None]
+    addition = getattr(config, "addition_embed_type", None)
+    if addition not in (None, "text_time"):
+        reasons.append(f"addition_embed_type={addition!r} embeddings")
+    if reasons:
+        raise TypeError(
+            f"to_onnx: this {type(unet).__name__} takes {'; '.join(reasons)}, which the exported graph has no "
+            "input for (it models SD 1.x/2.x, SDXL and UNet2DModel); patch and run it in PyTorch instead"
+        )
 
 
 # Timestep sets the export is checked at: one for the batch, fractional, x.5 ties, out of range, per sample.

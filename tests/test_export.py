@@ -71,11 +71,16 @@ def test_schedule_is_a_float32_initializer_read_by_round_clip_cast_gather(sd_exp
     gathers = [n for n in model.graph.node if n.input and n.input[0] == SCHEDULE_NAME]
     assert [g.op_type for g in gathers] == ["Gather"]
     chain, name = [], gathers[0].input[1]
-    while name in producers and len(chain) < 6:
+    while name in producers and len(chain) < 8:
         chain.append(producers[name].op_type)
         name = producers[name].input[0]
     ops = [op for op in chain if op not in ("Reshape", "Unsqueeze", "Squeeze")]
     assert ops[:3] == ["Cast", "Clip", "Round"], chain
+    # The NaN rule (index 0) in the graph too: Round reads Where(IsNaN(t), 0, t).
+    where = producers[producers[producers[gathers[0].input[1]].input[0]].input[0]]
+    while where.op_type in ("Round", "Reshape", "Unsqueeze", "Squeeze", "Clip", "Cast"):
+        where = producers[where.input[0]]
+    assert where.op_type == "Where" and producers[where.input[0]].op_type == "IsNaN", chain
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}  # standard operators only
     meta = {p.key: p.value for p in model.metadata_props}
     assert BypassSchedule.parse(meta["bypass_kernels.schedule"]) == SCHEDULE
