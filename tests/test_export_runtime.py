@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from bypass_kernels.export import SCHEDULE_NAME, OnnxRuntimeUNet, export_inputs, reference_output, to_onnx
-from test_pipeline import _clip_byte_vocab
+from tiny_pipelines import tiny_text_encoder, tiny_vae
 
 import bypass_kernels
 from bypass_kernels import BypassSchedule
@@ -25,50 +25,14 @@ SCHEDULE = BypassSchedule.linear(0.6, t_min=300)
 IMAGE_ATOL = 1e-4
 
 
-def _text_encoder(folder, hidden, projection=None):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    vocab = _clip_byte_vocab(folder)
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-    config = CLIPTextConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        max_position_embeddings=16,
-        bos_token_id=vocab - 2,
-        eos_token_id=vocab - 1,
-        pad_token_id=vocab - 1,
-        projection_dim=projection or hidden,
-    )
-    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    return tokenizer, cls(config).eval()
-
-
-def _vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=32,
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(0)
-    tokenizer, text_encoder = _text_encoder(tmp_path_factory.mktemp("tok"), 32)
+    tokenizer, text_encoder = tiny_text_encoder(tmp_path_factory.mktemp("tok"), 32)
     pipe = StableDiffusionPipeline(
-        vae=_vae(),
+        vae=tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=build_unet("tiny-sd"),
@@ -89,10 +53,10 @@ def sdxl(tmp_path_factory):
 
     torch.manual_seed(0)
     # cross_attention_dim 32 = 16 + 16 (both encoders' penultimate states); text_embeds 32 = the projection.
-    tokenizer, text_encoder = _text_encoder(tmp_path_factory.mktemp("tok1"), 16)
-    tokenizer_2, text_encoder_2 = _text_encoder(tmp_path_factory.mktemp("tok2"), 16, projection=32)
+    tokenizer, text_encoder = tiny_text_encoder(tmp_path_factory.mktemp("tok1"), 16)
+    tokenizer_2, text_encoder_2 = tiny_text_encoder(tmp_path_factory.mktemp("tok2"), 16, projection=32)
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(),
+        vae=tiny_vae(),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,

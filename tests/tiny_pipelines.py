@@ -40,38 +40,51 @@ def clip_byte_vocab(folder):
     return len(tokens)
 
 
-def sd_components(folder, *, unet=None) -> dict:
-    """vae, text_encoder, tokenizer, unet, scheduler of a tiny Stable Diffusion (latents 16x16 for 32x32 images)."""
-    from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def tiny_text_encoder(folder, hidden: int, projection: int | None = None):
+    """(tokenizer, CLIP text encoder) of width ``hidden``; with ``projection``, SDXL's second encoder kind."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     vocab = clip_byte_vocab(folder)
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    config = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=16,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 1,
+        projection_dim=projection or hidden,
+    )
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return tokenizer, cls(config).eval()
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+    ).eval()
+
+
+def sd_components(folder, *, unet=None) -> dict:
+    """vae, text_encoder, tokenizer, unet, scheduler of a tiny Stable Diffusion (latents 16x16 for 32x32 images)."""
+    from diffusers import DDIMScheduler
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=vocab,
-                hidden_size=32,
-                intermediate_size=64,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                max_position_embeddings=16,
-                bos_token_id=vocab - 2,
-                eos_token_id=vocab - 1,
-                pad_token_id=vocab - 1,
-            )
-        ).eval()
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(16, 32),
-            latent_channels=4,
-            norm_num_groups=16,
-            sample_size=32,
-        ).eval()
+        tokenizer, text_encoder = tiny_text_encoder(folder, 32)
+        vae = tiny_vae()
     return dict(
         vae=vae,
         text_encoder=text_encoder,
