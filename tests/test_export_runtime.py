@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from bypass_kernels.export import SCHEDULE_NAME, OnnxRuntimeUNet, export_inputs, reference_output, to_onnx
-from tiny_pipelines import tiny_text_encoder, tiny_vae
+from tiny_pipelines import run_img2img, tiny_text_encoder, tiny_vae
 
 import bypass_kernels
 from bypass_kernels import BypassSchedule
@@ -86,23 +86,7 @@ def _t2i(pipe, **kwargs):
 
 
 def _i2i(pipe, strength=0.9):
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
-
-    xl = "text_encoder_2" in pipe.components
-    cls = StableDiffusionXLImg2ImgPipeline if xl else StableDiffusionImg2ImgPipeline
-    img2img = cls(**pipe.components, **({"requires_aesthetics_score": False} if xl else {}))
-    img2img.set_progress_bar_config(disable=True)
-    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    out = img2img(
-        "a red square",
-        image=image,
-        strength=strength,
-        num_inference_steps=10,
-        guidance_scale=4.0,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    )
-    return out.images
+    return run_img2img(pipe, strength)
 
 
 def _with_runner(pipe, runner, run):

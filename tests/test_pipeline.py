@@ -33,21 +33,7 @@ def t2i(pipe, seed=0):
 
 
 def i2i(pipe, strength, seed=0):
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
-    img2img.set_progress_bar_config(disable=True)
-    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    out = img2img(
-        "a red square",
-        image=image,
-        strength=strength,
-        num_inference_steps=10,
-        guidance_scale=4.0,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-    )
-    return out.images
+    return tiny_pipelines.run_img2img(pipe, strength, seed=seed)
 
 
 def with_hand_hook(pipe, schedule, run):

@@ -160,3 +160,23 @@ def run_pipeline(pipe, *, seed: int = 0, steps: int = 5, **kwargs):
         **kwargs,
     )
     return out.images
+
+
+def run_img2img(pipe, strength: float, *, seed: int = 0):
+    """Images (numpy) of one seeded image-to-image call built from ``pipe``'s components (SD or SDXL)."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    xl = "text_encoder_2" in pipe.components
+    cls = StableDiffusionXLImg2ImgPipeline if xl else StableDiffusionImg2ImgPipeline
+    img2img = cls(**pipe.components, **({"requires_aesthetics_score": False} if xl else {}))
+    img2img.set_progress_bar_config(disable=True)
+    out = img2img(
+        "a red square",
+        image=condition_image(7),
+        strength=strength,
+        num_inference_steps=10,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    )
+    return out.images
