@@ -89,10 +89,6 @@ def _new_marked(base: type):
     return object.__new__(_marker_class(base))
 
 
-def _unmarked(cls: type) -> type:
-    return cls.__dict__.get("_bypass_base", cls)
-
-
 # --------------------------------------------------------------------- the controller
 class BypassController:
     """The state and hooks of one patched UNet. Use :func:`patch`, not this class."""
