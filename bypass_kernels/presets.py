@@ -182,24 +182,13 @@ _TINY_SIMPLE_CROSS_ATTN = dict(  # DeepFloyd IF / unCLIP: UNetMidBlock2DSimpleCr
     addition_embed_type_num_heads=2,
 )
 
-_TINY_KANDINSKY = dict(  # Kandinsky 2.2's decoder: the image embedding is both the context and the added embedding
-    sample_size=16,
-    in_channels=4,
-    out_channels=8,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=16,
-    resnet_time_scale_shift="scale_shift",
-    encoder_hid_dim=24,
-    encoder_hid_dim_type="image_proj",
-    addition_embed_type="image",
-    addition_embed_type_num_heads=2,
-)
+_TINY_KANDINSKY = {  # Kandinsky 2.2's decoder: the image embedding is both the context and the added embedding
+    **_TINY_SIMPLE_CROSS_ATTN,
+    "in_channels": 4,
+    "out_channels": 8,
+    "encoder_hid_dim_type": "image_proj",
+    "addition_embed_type": "image",
+}
 
 _TINY_UNET3D = dict(  # ModelScope text-to-video; sample (B, C, F, H, W)
     sample_size=16,

@@ -81,6 +81,15 @@ def run(model, inputs):
         return model(**inputs, return_dict=False)[0]
 
 
+def run_patched(model, inputs):
+    """One call of ``model`` patched with SCHEDULE, unpatched again afterwards."""
+    bypass_kernels.patch(model, SCHEDULE)
+    try:
+        return run(model, inputs)
+    finally:
+        bypass_kernels.unpatch(model)
+
+
 def run_reference(model, inputs, frames, **kwargs):
     handles = reference_hook(model, frames, **kwargs)
     try:
@@ -123,11 +132,7 @@ def test_patched_matches_hand_written_reference(models, name, kind):
     plain = run(model, inputs)
     expected = run_reference(model, inputs, frames)
     assert not torch.allclose(expected, plain, atol=1e-3)  # λ > 0 changes the output: the test can fail
-    bypass_kernels.patch(model, SCHEDULE)
-    try:
-        got = run(model, inputs)
-    finally:
-        bypass_kernels.unpatch(model)
+    got = run_patched(model, inputs)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -140,11 +145,7 @@ def test_video_lambda_follows_the_batch_major_frame_fold(models, name):
     right = run_reference(model, inputs, FRAMES)
     wrong = run_reference(model, inputs, FRAMES, fold="frame_major")
     assert not torch.allclose(right, wrong, atol=1e-3)
-    bypass_kernels.patch(model, SCHEDULE)
-    try:
-        got = run(model, inputs)
-    finally:
-        bypass_kernels.unpatch(model)
+    got = run_patched(model, inputs)
     torch.testing.assert_close(got, right, atol=1e-5, rtol=1e-5)
 
 
