@@ -1,30 +1,46 @@
-"""Host time of one compiled UNet call, patched minus unpatched (issue: GPU truth, item 7).
+"""Host time of one model call, patched against unpatched and against the floor (CPU, Inductor).
 
-On a GPU a compiled step that syncs shows its host time when the host is the bottleneck: the H200
-run's compiled SD1.5 per-step medians were +1.1% (default) / +1.8% (reduce-overhead) patched, with
-identical kernel counts. This isolates the host part on the CPU: a UNet-shaped module so small that
-its compute is small, compiled with Inductor (the blend fuses into the mid-block's last kernel, as
-on a GPU), called in interleaved rounds. Each variant is its own class, so each has its own
-compiled code: with one class, Dynamo would look both variants up in one cache (and before the
-marker classes of ``patch``, a model patched after compiling ran the unpatched graph, which made
-such a comparison look cheap). Rows go to ``results/cpu-compiled-host-cost.csv``.
+On a GPU a compiled step shows its host time when the host is the bottleneck. This isolates the
+host part on the CPU, where a model small enough that its compute is small is called over and over:
 
-    python benchmarks/compiled_host_cost.py [--rounds 15] [--calls 400]
+- *unpatched*: the model as it is;
+- *patched*: ``bypass_kernels.patch(model)``;
+- *floor*: the same model with the blend written by hand into its forward (the timestep from the
+  forward's own argument, the same torch ops the patch traces), so no patch can cost less.
+
+Models: ``toy`` (conv in, a timestep projection, a one-conv mid-block, conv out) and ``tiny-sd``
+(a diffusers UNet2DConditionModel). Modes: ``compiled`` (``torch.compile(model)``, Inductor) and
+``eager``. Each variant is its own class, so each has its own compiled code. Time per call is the
+calling thread's CPU time (``time.thread_time``: other processes on a shared machine add little),
+over interleaved rounds; the differences are paired per round, with an order-statistic interval
+(``intervals.median_ci``). Rows go to ``results/cpu-compiled-host-cost.csv``.
+
+    python benchmarks/compiled_host_cost.py [--models toy tiny-sd] [--rounds 15] [--calls 300]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import subprocess
 import time
 import types
 
 import torch
 from common import RESULTS, append_rows, environment
+from intervals import median_ci
 from torch import nn
 
 import bypass_kernels
+from bypass_kernels.ops import blend_reference
+from bypass_kernels.presets import build_unet, example_inputs
+
+SCHEDULE = bypass_kernels.default_schedule()
+
+
+class Timesteps(nn.Module):
+    def forward(self, timesteps):
+        return timesteps[:, None].float() * 1e-3
 
 
 class Mid(nn.Module):
@@ -36,89 +52,150 @@ class Mid(nn.Module):
         return self.conv(hidden_states)
 
 
-class TinyUNet(nn.Module):
+class Toy(nn.Module):
+    """UNet-shaped and as small as it gets: what is left is the host's time per call."""
+
     def __init__(self):
         super().__init__()
+        torch.manual_seed(0)
+        self.time_proj = Timesteps()
         self.conv_in = nn.Conv2d(4, 4, 1)
         self.mid_block = Mid()
         self.conv_out = nn.Conv2d(4, 4, 1)
 
-    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=False):
-        return (self.conv_out(self.mid_block(self.conv_in(sample))),)
+    def forward(self, sample, timestep):
+        temb = self.time_proj(timestep.expand(sample.shape[0]))
+        return (self.conv_out(self.mid_block(self.conv_in(sample), temb)),)
 
 
-def own_class(name: str) -> type:
-    """A TinyUNet subclass whose forward has its own code object, hence its own Dynamo cache."""
-    code = TinyUNet.forward.__code__.replace(co_name=f"forward_{name}")
-    forward = types.FunctionType(code, TinyUNet.forward.__globals__, f"forward_{name}", TinyUNet.forward.__defaults__)
-    return type(f"TinyUNet_{name}", (TinyUNet,), {"forward": forward})
+class ToyFloor(Toy):
+    """The blend inlined by hand: the least any patch can add."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", SCHEDULE.table(), persistent=False)
+
+    def forward(self, sample, timestep):
+        t = timestep.expand(sample.shape[0])
+        temb = self.time_proj(t)
+        h = self.conv_in(sample)
+        m = blend_reference(self.mid_block(h, temb), h, self.table, t)
+        return (self.conv_out(m),)
+
+
+def unet_floor(unet: nn.Module) -> nn.Module:
+    """The diffusers UNet with the blend written into a copy of its mid-block's forward."""
+    table = SCHEDULE.table()
+    mid = unet.mid_block
+    plain_forward = type(mid).forward
+    keep = {}
+
+    def time_proj_forward(self, timesteps):  # the floor takes the [batch] timesteps where diffusers passes them
+        keep["t"] = timesteps
+        return type(self).forward(self, timesteps)
+
+    def mid_forward(self, hidden_states, *args, **kwargs):
+        return blend_reference(plain_forward(self, hidden_states, *args, **kwargs), hidden_states, table, keep["t"])
+
+    unet.mid_block.forward = types.MethodType(mid_forward, mid)
+    unet.time_proj.forward = types.MethodType(time_proj_forward, unet.time_proj)
+    return unet
+
+
+def own_class(model: nn.Module, name: str) -> nn.Module:
+    """``model`` as an instance of a subclass whose forward has its own code object (its own Dynamo cache)."""
+    base = type(model)
+    forward = base.forward
+    code = forward.__code__.replace(co_name=f"forward_{name}")
+    fn = types.FunctionType(code, forward.__globals__, f"forward_{name}", forward.__defaults__, forward.__closure__)
+    fn.__kwdefaults__ = forward.__kwdefaults__
+    model.__class__ = type(f"{base.__name__}_{name}", (base,), {"forward": fn, "__module__": base.__module__})
+    return model
+
+
+def build(model_name: str, variant: str) -> tuple[nn.Module, dict]:
+    if model_name == "toy":
+        model = (ToyFloor if variant == "floor" else Toy)().eval()
+        inputs = {"sample": torch.randn(2, 4, 2, 2), "timestep": torch.tensor(700.0)}
+    else:
+        model = build_unet(model_name).eval()
+        inputs = example_inputs(model, batch=2, timestep=torch.tensor(700.0))
+        if variant == "floor":
+            model = unet_floor(model)
+    model = own_class(model, variant)
+    if variant == "patched":
+        bypass_kernels.patch(model, SCHEDULE, timestep_module="time_proj")
+    return model, inputs
 
 
 def per_call_us(fn, calls: int) -> float:
-    start = time.perf_counter()
+    start = time.thread_time()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - start) / calls * 1e6
+    return (time.thread_time() - start) / calls * 1e6
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        return out.stdout.strip()
+    except OSError:
+        return ""
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["toy", "tiny-sd"])
+    parser.add_argument("--modes", nargs="+", default=["compiled", "eager"])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--calls", type=int, default=400)
+    parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 2, 2)
-    t = torch.tensor(700.0)
-    variants = {}
-    for name in ("unpatched", "patched"):
-        unet = own_class(name)().eval()
-        if name == "patched":
-            bypass_kernels.patch(unet)
-        compiled = torch.compile(unet, fullgraph=True)
-        eager = unet
-
-        def compiled_call(m=compiled):
-            with torch.no_grad():
-                m(x, t)
-
-        def eager_call(m=eager):
-            with torch.no_grad():
-                m(x, t)
-
-        compiled_call()
-        eager_call()
-        variants[f"compiled-{name}"] = compiled_call
-        variants[f"eager-{name}"] = eager_call
-    samples = {name: [] for name in variants}
-    for _ in range(args.rounds):  # interleaved: drift on a shared machine hits every variant alike
-        for name, fn in variants.items():
-            samples[name].append(per_call_us(fn, args.calls))
-    env = environment(torch.device("cpu"))
+    env = {**environment(torch.device("cpu")), "commit": git_commit()}
     rows = []
-    for mode in ("compiled", "eager"):
-        base = samples[f"{mode}-unpatched"]
-        patched = samples[f"{mode}-patched"]
-        diffs = sorted(p - b for p, b in zip(patched, base, strict=True))
-        q1, q3 = diffs[len(diffs) // 4], diffs[(3 * len(diffs)) // 4]
-        row = {
-            "mode": mode,
-            "unpatched_us": round(statistics.median(base), 2),
-            "patched_us": round(statistics.median(patched), 2),
-            "extra_us_median": round(statistics.median(diffs), 2),
-            "extra_us_q1": round(q1, 2),
-            "extra_us_q3": round(q3, 2),
-            "rounds": args.rounds,
-            "calls_per_round": args.calls,
-            **env,
-        }
-        rows.append(row)
-        print(
-            f"{mode:9s} unpatched {row['unpatched_us']:8.1f} µs  patched {row['patched_us']:8.1f} µs  "
-            f"extra {row['extra_us_median']:6.1f} µs [IQR {row['extra_us_q1']}, {row['extra_us_q3']}]"
-        )
-    append_rows(os.path.join(RESULTS, "cpu-compiled-host-cost.csv"), rows)
+    for model_name in args.models:
+        for mode in args.modes:
+            calls = {}
+            for variant in ("unpatched", "patched", "floor"):
+                model, inputs = build(model_name, variant)
+                runnable = torch.compile(model) if mode == "compiled" else model
+
+                def call(m=runnable, inputs=inputs):
+                    with torch.no_grad():
+                        m(**inputs)
+
+                for _ in range(3):
+                    call()  # compile, warm up
+                calls[variant] = call
+            samples = {v: [] for v in calls}
+            for _ in range(args.rounds):  # interleaved: drift on a shared machine hits every variant alike
+                for variant, fn in calls.items():
+                    samples[variant].append(per_call_us(fn, args.calls))
+            row = {"model": model_name, "mode": mode}
+            for variant, values in samples.items():
+                row[f"{variant}_us"] = round(median_ci(values)[0], 2)
+            for name, a, b in (
+                ("patched_minus_unpatched", "patched", "unpatched"),
+                ("floor_minus_unpatched", "floor", "unpatched"),
+                ("patched_minus_floor", "patched", "floor"),
+            ):
+                med, lo, hi = median_ci([x - y for x, y in zip(samples[a], samples[b], strict=True)])
+                row.update({f"{name}_us": round(med, 2), f"{name}_lo": round(lo, 2), f"{name}_hi": round(hi, 2)})
+            row.update(rounds=args.rounds, calls_per_round=args.calls, **env)
+            rows.append(row)
+            print(
+                f"{model_name:8s} {mode:8s} unpatched {row['unpatched_us']:8.1f}  patched {row['patched_us']:8.1f}  "
+                f"floor {row['floor_us']:8.1f} µs | patched-unpatched {row['patched_minus_unpatched_us']:+6.1f} "
+                f"[{row['patched_minus_unpatched_lo']:+.1f}, {row['patched_minus_unpatched_hi']:+.1f}]  "
+                f"patched-floor {row['patched_minus_floor_us']:+6.1f} "
+                f"[{row['patched_minus_floor_lo']:+.1f}, {row['patched_minus_floor_hi']:+.1f}]",
+                flush=True,
+            )
+    if not args.no_write:
+        append_rows(os.path.join(RESULTS, "cpu-compiled-host-cost.csv"), rows)
 
 
 if __name__ == "__main__":

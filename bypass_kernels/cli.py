@@ -140,6 +140,19 @@ def _image_grid(rows: list[torch.Tensor], path: str, labels: list[str]) -> None:
     canvas.save(path)
 
 
+def _writable_folder(path: str) -> str:
+    """Create ``path`` if needed and check a file can be written there, before any long work."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out: cannot write to {path!r}: {exc.strerror or exc}") from None
+    return path
+
+
 def cmd_generate(args) -> int:
     from diffusers import UNet2DModel
 
@@ -147,6 +160,7 @@ def cmd_generate(args) -> int:
     from bypass_kernels.experiments.metrics import group_counts
     from bypass_kernels.experiments.sampling import ddim_sample, seeded_noise
 
+    _writable_folder(args.out)
     name = args.model or "shapes"
     shipped = name in datasets.NAMES
     folder = datasets.shipped_folder(name) if shipped else name
@@ -169,7 +183,6 @@ def cmd_generate(args) -> int:
     plain = torch.cat([ddim_sample(unet, x, args.steps) for x in noise])
     with bypass_kernels.patched(unet, schedule):
         bypassed = torch.cat([ddim_sample(unet, x, args.steps) for x in noise])
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "grid.png")
     _image_grid([plain[:64], bypassed[:64]], path, ["without bypass", f"with bypass: {schedule!r}"])
     print(f"model {folder}, {args.n} samples, {args.steps} DDIM steps, seed {args.seed}")

@@ -21,7 +21,7 @@ import torch
 from bypass_kernels.export import staging
 from torch import nn
 
-from bypass_kernels import patching
+from bypass_kernels import patching, targets
 from bypass_kernels.schedule import BypassSchedule, default_schedule
 
 MIN_OPSET = 18  # torch's ONNX exporter emits opset 18 and newer (Round itself needs only 11)
@@ -71,12 +71,13 @@ class UNetForExport(nn.Module):
         positions = torch.arange(sample.shape[0], device=timestep.device, dtype=torch.float32)
         batch_index = torch.minimum(positions, count - 1).to(torch.long)
         timestep = timestep.index_select(0, batch_index)
-        kwargs = {"bypass_table": table, "return_dict": False}
+        kwargs = {"return_dict": False}
         if encoder_hidden_states is not None:
             kwargs["encoder_hidden_states"] = encoder_hidden_states
         if text_embeds is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, **kwargs)[0]
+        with patching._controller(self.unet).table_for_calls(table):
+            return self.unet(sample, timestep, **kwargs)[0]
 
 
 def export_inputs(unet: nn.Module, *, batch: int = 2, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -198,7 +199,7 @@ def _check_target(path: str, overwrite: bool) -> str:
 def _export_state(model, schedule):
     """The UNet patched with ``schedule`` and the plain-torch backend for the duration of the export;
     the caller's model is left as it was (its own schedule and backend restored, or unpatched)."""
-    unet, _ = patching._find_unet(model)
+    unet, _ = targets.find_owner(model)
     own = patching.get_schedule(unet)
     if schedule is None:
         if own is None:
@@ -285,7 +286,7 @@ def verify_export(path: str, model, schedule: BypassSchedule, *, schedule_as_inp
     """Compare the graph at ``path`` (ONNX Runtime, CPU) with ``model`` patched with ``schedule`` at
     :data:`CHECK_TIMESTEPS`; returns the largest relative error, raises RuntimeError past
     :func:`check_tolerance`. The model is left as it was."""
-    unet, _ = patching._find_unet(model)
+    unet, _ = targets.find_owner(model)
     with patching.patched(unet, schedule, backend="torch"):
         inputs = export_inputs(unet)
         if schedule_as_input:
@@ -317,7 +318,7 @@ def export_to_staging(
     if schedule is not None and not isinstance(schedule, BypassSchedule):
         raise TypeError(f"schedule: expected a BypassSchedule, got {type(schedule).__name__}")
     _refuse_video_unet(getattr(model, "unet", model))  # a pipeline's or the model itself
-    patching._find_unet(model)  # a clear error for objects with no mid-block, before touching files
+    targets.find_owner(model)  # a clear error for objects with no mid-block, before touching files
 
     with _export_state(model, schedule) as (unet, schedule):
         source = copy.deepcopy(unet).half() if fp16 else unet  # the copy keeps the patch; its table stays fp32

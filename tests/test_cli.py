@@ -60,6 +60,16 @@ def test_generate_with_a_local_model_folder(tmp_path, capsys):
     assert "blue_circle" in text and "invalid" in text
 
 
+def test_generate_checks_its_output_folder_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    missing_model = tmp_path / "no-model-here"
+    # The folder is checked first: the error names --out, not the (also missing) model.
+    assert main(["generate", "--model", str(missing_model), "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "cannot write" in err and "no-model-here" not in err
+
+
 def test_generate_refuses_a_conditional_unet(tmp_path, capsys):
     from bypass_kernels.presets import build_unet
 

@@ -33,6 +33,11 @@ def snapshot(module: nn.Module):
     return rows, [n for n, _ in module.named_buffers()], list(module.state_dict())
 
 
+def hook_count(module: nn.Module) -> int:
+    attrs = ("_forward_hooks", "_forward_pre_hooks")
+    return sum(len(getattr(m, a)) for m in module.modules() for a in attrs)
+
+
 def reference(unet, inputs, weight_of, **overrides):
     handles = hand_hook(unet, weight_of)
     try:
@@ -150,8 +155,9 @@ def test_unpatch_restores_exactly(any_unet):
 def test_patching_twice_replaces_the_schedule(tiny_sd):
     inputs = example_inputs(tiny_sd, batch=1, timestep=torch.tensor([999]))
     patch(tiny_sd, BypassSchedule.constant(0.9))
+    once = hook_count(tiny_sd)
     patch(tiny_sd, BypassSchedule.constant(0.2))
-    assert len(tiny_sd.mid_block._forward_hooks) == 1 and len(tiny_sd._forward_pre_hooks) == 1
+    assert hook_count(tiny_sd) == once == 3  # timestep, span start, span end
     got = run_unet(tiny_sd, inputs)
     unpatch(tiny_sd)
     expected = reference(tiny_sd, inputs, BypassSchedule.constant(0.2).weight)
@@ -358,8 +364,24 @@ def test_set_schedule_errors(tiny_sd):
     patch(tiny_sd)
     with pytest.raises(ValueError, match="patch"):
         set_schedule(tiny_sd, BypassSchedule.constant(0.1, num_train_timesteps=10))
-    with pytest.raises(TypeError, match="BypassSchedule"):
+    with pytest.raises(ValueError, match="missing key 'strength'"):
         set_schedule(tiny_sd, {"shape": "constant"})
+    with pytest.raises(TypeError, match="BypassSchedule"):
+        set_schedule(tiny_sd, 0.3)
+
+
+def test_schedules_as_spec_strings_and_dicts(tiny_sd):
+    """patch and set_schedule take what the command line takes (a spec) and what to_dict() gives."""
+    inputs = example_inputs(tiny_sd, batch=2, timestep=torch.tensor([999, 700]))
+    expected = reference(tiny_sd, inputs, BypassSchedule.linear(0.3, t_min=500).weight)
+    patch(tiny_sd, "linear:0.3:500")
+    assert bypass_kernels.get_schedule(tiny_sd) == BypassSchedule.linear(0.3, t_min=500)
+    torch.testing.assert_close(run_unet(tiny_sd, inputs), expected, atol=1e-5, rtol=1e-5)
+    set_schedule(tiny_sd, BypassSchedule.cosine(0.5, t_min=100).to_dict())
+    assert bypass_kernels.get_schedule(tiny_sd) == BypassSchedule.cosine(0.5, t_min=100)
+    with pytest.raises(ValueError, match="schedule spec"):
+        patch(tiny_sd, "linear:lots")
+    assert bypass_kernels.get_schedule(tiny_sd) == BypassSchedule.cosine(0.5, t_min=100)
 
 
 def test_missing_timestep_is_a_clear_error():
@@ -372,13 +394,14 @@ def test_missing_timestep_is_a_clear_error():
         toy(sample=torch.randn(1, 4, 3, 3))
 
 
-def test_bypass_table_keyword_overrides_the_table_for_one_call(tiny_sd):
+def test_table_for_calls_overrides_the_table_in_its_block(tiny_sd):
     inputs = example_inputs(tiny_sd, batch=2, timestep=torch.tensor([999, 400]))
     other = BypassSchedule.cosine(0.9, t_min=200)
     expected = reference(tiny_sd, inputs, other.weight)
     patch(tiny_sd, BypassSchedule.constant(0.1))
-    got = run_unet(tiny_sd, inputs, bypass_table=other.table())
+    with tiny_sd._bypass.table_for_calls(other.table()):
+        got = run_unet(tiny_sd, inputs)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert tiny_sd._bypass._eager.table is None  # dropped after the call
+    assert bypass_kernels.attach._CALLS.table is None  # dropped after the block
     default = reference(unpatch(copy.deepcopy(tiny_sd)), inputs, BypassSchedule.constant(0.1).weight)
     torch.testing.assert_close(run_unet(tiny_sd, inputs), default, atol=1e-5, rtol=1e-5)

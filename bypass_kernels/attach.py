@@ -1,0 +1,475 @@
+"""How a patch attaches to a model: three hooks that pass one call's values through a per-thread record.
+
+A *span* is a run of blocks i..j that the model's forward calls one after another (a UNet's
+mid-block is a span of one). With h the streams entering block i and m those leaving block j, the
+patched output is ``m + λ(t)·(h − m)``. A :class:`BypassController` attaches three hooks:
+
+- :class:`KeepTimestep` on the *carrier*, the submodule that receives the call's timestep inside
+  the model's forward, once per call (a diffusers UNet's ``time_proj``; a DiT's time embedder), or
+  :class:`KeepModelTimestep` on the model itself where no such module is known (the timestep is
+  then read from the model's arguments);
+- :class:`EnterSpan`, a pre-hook on block i, keeps the streams h;
+- :class:`LeaveSpan`, a hook on block j, blends each stream of its output.
+
+The values travel in ``_CALLS.call``, a ``threading.local`` attribute tagged with the
+controller's token: the carrier sets it, the span start extends it, the span end reads it and
+clears it. Under torch.compile the hooks of submodules run inside the model's own compiled frame,
+so the timestep is data flow of that frame, shared with no other call or thread, and the frame
+gains no frame of its own (hooks on the model itself run outside the frame ``torch.compile(model)``
+compiles, one Python call per step). The hooks share nothing but that global and constants:
+Dynamo then needs no guard that two of them reach the same object. Where a value must cross frames
+(a graph break between carrier and span), Dynamo reads the thread-local per thread.
+
+A call that raises after the carrier and before the span end leaves its values behind; the next
+model call overwrites them, and in eager mode a block called on its own is checked against the
+frame of the model call that wrote them (a stack walk), so it is never blended with a failed
+call's timestep.
+
+The compiled code never sees a hook come or go (Dynamo does not guard on empty hook dicts), so
+attaching also swaps the class of one module, the *trigger* (the carrier, or the model where the
+carrier is the model), for a same-named subclass: Dynamo guards on the type of every module it
+inlines, and the next call recompiles instead of running stale code. The model's own class and
+the classes of its blocks never change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.compiler import is_compiling
+
+from bypass_kernels.ops import _as_timestep, blend, blend_, blend_reference
+from bypass_kernels.schedule import BypassSchedule
+
+_HOST = torch.device("cpu")
+
+# One record per thread for every patched model: a model call is never in flight inside another
+# one in the same thread, and each entry carries its controller's token: the model's class name, a
+# constant that compiled code shares across instances, copies and patches of one class (a token per
+# controller would make every new patch recompile code shared by a class). ``call``: (token, timestep,
+# frame id) from the carrier, then (token, timestep, frame id, streams, versions) from the span start.
+# ``table``: (token, table) from table_for_calls. Read with getattr(..., None): a thread that has
+# not set them yet has no such attribute. (A plain ``threading.local()``: Dynamo replays a compiled
+# frame's writes to it in the calling thread; writes to a subclass's instance would be lost.)
+_CALLS = threading.local()
+_STACK_DEPTH = 16  # frames between a hook and the model's forward: _call_impl layers, checkpointing
+
+
+# --------------------------------------------------------------------- what to attach to
+@dataclass(frozen=True)
+class Stream:
+    """One tensor stream of a span: where it enters block i and where it leaves block j."""
+
+    name: str  # the keyword of block i's forward (``hidden_states``)
+    position: int  # its positional index in block i's forward
+    output_index: int | None  # its index in block j's output tuple; None: the output is this tensor
+    blend: bool = True  # False: carried through unchanged (e.g. the text stream, when asked)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Blocks ``first`` .. ``last`` (the same module for a span of one) and their streams."""
+
+    first: nn.Module
+    last: nn.Module
+    streams: tuple[Stream, ...]
+    modules: tuple[nn.Module, ...]  # every block of the span, in order (for checks)
+    single: bool = field(init=False)  # one stream, which block j returns as a tensor (a UNet's mid-block)
+
+    def __post_init__(self):
+        object.__setattr__(self, "single", len(self.streams) == 1 and self.streams[0].output_index is None)
+
+
+@dataclass(frozen=True)
+class Carrier:
+    """Where the timestep is read. ``module`` None: the model's own argument ``arg`` (name, position)."""
+
+    module: nn.Module | None
+    scale: float = 1.0  # table units per unit the carrier receives
+    arg: tuple[str, int] = ("timestep", 1)
+
+
+# --------------------------------------------------------------------- the hooks
+class KeepTimestep:
+    """Pre-hook on the carrier: its first argument is this call's [batch] timestep."""
+
+    def __init__(self, controller: BypassController):
+        self.controller = controller
+        self.token = controller.token
+        self.scale = controller.carrier.scale
+
+    def __call__(self, carrier, args):
+        self.keep(args[0], own_call=False)
+
+    def keep(self, timestep, *, own_call: bool) -> None:
+        """Start this call's record. ``own_call``: the hook runs in the model's own call (a pre-hook on
+        the model), whose frame lives until its forward returns; else the forward's frame is found."""
+        if self.scale != 1.0:
+            timestep = timestep * self.scale
+        if is_compiling():
+            _CALLS.call = (self.token, timestep, None)
+        else:
+            self.controller.check_pipeline()
+            frame = id(sys._getframe(2)) if own_call else self.controller.owner_frame()
+            _CALLS.call = (self.token, timestep, frame)
+
+
+class KeepModelTimestep(KeepTimestep):
+    """Pre-hook on the model itself: the timestep from its arguments."""
+
+    def __init__(self, controller: BypassController):
+        super().__init__(controller)
+        self.name, self.position = controller.carrier.arg
+
+    def __call__(self, model, args, kwargs):
+        if self.name in kwargs:
+            timestep = kwargs[self.name]
+        elif len(args) > self.position:
+            timestep = args[self.position]
+        else:
+            raise TypeError(
+                f"bypass_kernels: the patched model was called without a timestep; call it as "
+                f"model(sample, {self.name}, ...) or model(sample=..., {self.name}=...)"
+            )
+        sample = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+        self.keep(_as_timestep(timestep, sample.device if isinstance(sample, Tensor) else _HOST), own_call=True)
+
+
+class EnterSpan:
+    """Pre-hook on block i: keeps the streams entering the span."""
+
+    def __init__(self, controller: BypassController):
+        self.controller = controller
+        self.token = controller.token
+        self.streams = tuple((s.name, s.position) for s in controller.span.streams)
+        self.clone = controller.clone_inputs
+
+    def __call__(self, block, args, kwargs):
+        call = getattr(_CALLS, "call", None)
+        if call is None or call[0] != self.token:  # block i called on its own, outside a model call
+            return
+        timestep, frame = call[1], call[2]
+        if not is_compiling() and frame is not None and not _on_stack(frame):
+            _CALLS.call = None  # left by a model call that raised before the span end: not this call's
+            return
+        streams = tuple(kwargs[n] if n in kwargs else (args[p] if len(args) > p else None) for n, p in self.streams)
+        versions = None
+        if self.clone:  # the span writes into tensors in place (inplace=True modules)
+            streams = tuple(s.clone() if isinstance(s, Tensor) else s for s in streams)
+        elif not is_compiling():  # Dynamo cannot branch on version counters
+            versions = tuple(s._version if isinstance(s, Tensor) else None for s in streams)
+        _CALLS.call = (self.token, timestep, frame, streams, versions)
+
+
+class LeaveSpan:
+    """Hook on block j: blends each stream of its output with the span's input."""
+
+    def __init__(self, controller: BypassController):
+        self.controller = controller
+        self.token = controller.token
+        self.single = controller.span.single
+        self.outputs = tuple((s.output_index, s.blend) for s in controller.span.streams)
+
+    def __call__(self, block, args, kwargs, output):
+        call = getattr(_CALLS, "call", None)
+        if call is None or call[0] != self.token:
+            return None
+        _CALLS.call = None  # in a compiled frame the record ends as it began: one write back
+        if len(call) < 5:  # block j called on its own
+            return None
+        _, timestep, _, entered, versions = call
+        if versions is not None:
+            _check_unchanged(entered, versions)
+        override = getattr(_CALLS, "table", None)
+        table = override[1] if override is not None and override[0] == self.token else None
+        controller = self.controller
+        if self.single:
+            return controller.blend(block, output, entered[0], timestep, table)
+        if not isinstance(output, (tuple, list)):
+            raise TypeError(
+                f"bypass_kernels: block {type(block).__name__} returned {type(output).__name__}, "
+                "not the tuple of streams its model family returns; unpatch this model"
+            )
+        rebuilt = None
+        for (index, blended), h in zip(self.outputs, entered, strict=True):
+            m = output[index]
+            if not blended or m is None or h is None:
+                continue  # a stream left as it is, or one this block does not return (SD3's last: no text)
+            new = controller.blend(block, m, h, timestep, table)
+            if new is not None:
+                rebuilt = list(output) if rebuilt is None else rebuilt
+                rebuilt[index] = new
+        return None if rebuilt is None else type(output)(rebuilt)
+
+
+# --------------------------------------------------------------------- marker classes (the trigger)
+_MARKERS: dict[type, type] = {}
+
+
+def marker_class(base: type) -> type:
+    """A subclass of ``base`` with its name, module and behaviour (and pickling): Dynamo guards on
+    the types of the modules it inlines, so swapping the trigger's class makes compiled code
+    recompile on its next call."""
+    marker = _MARKERS.get(base)
+    if marker is None:
+        namespace = {
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+            "__reduce_ex__": _reduce_marked,
+            "_bypass_base": base,
+        }
+        marker = _MARKERS[base] = type(base.__name__, (base,), namespace)
+    return marker
+
+
+def _reduce_marked(self, protocol):
+    # Pickle and deepcopy name the base class (importable), then rebuild the marker on load.
+    _, _, *rest = object.__reduce_ex__(self, max(protocol, 2))
+    return (_new_marked, (type(self)._bypass_base,), *rest)
+
+
+def _new_marked(base: type):
+    return object.__new__(marker_class(base))
+
+
+def is_marked(module: nn.Module) -> bool:
+    return "_bypass_base" in type(module).__dict__
+
+
+# --------------------------------------------------------------------- the controller
+class BypassController:
+    """The state and hooks of one patched model. Use :func:`bypass_kernels.patch`, not this class."""
+
+    def __init__(
+        self,
+        schedule: BypassSchedule,
+        backend: str,
+        *,
+        owner: nn.Module,
+        carrier: Carrier,
+        span: Span,
+        trigger: nn.Module,
+        clone_inputs: bool = False,
+    ):
+        self.schedule = schedule
+        self.backend = backend
+        self.owner = owner
+        self.carrier = carrier
+        self.span = span
+        self.trigger = trigger
+        self.clone_inputs = clone_inputs
+        self.token = f"{type(owner).__module__}.{type(owner).__qualname__}"
+        self._tables: dict[torch.device, torch.Tensor] = {_HOST: schedule.table(_HOST)}
+        self._pipeline: Callable | None = None  # weakref to the pipeline patched through, if any
+        self._handles: list = []
+        self._swapped: tuple[nn.Module, type] | None = None
+        self._owner_codes = forward_codes(owner)
+
+    # ----------------------------------------------------------------- tables
+    @property
+    def table(self) -> torch.Tensor:
+        """The host (CPU) copy of the λ table: float32, length T."""
+        return self._tables[_HOST]
+
+    def table_on(self, device: torch.device) -> torch.Tensor:
+        """The table on ``device``, copied there once; later schedules are written into that copy."""
+        table = self._tables.get(device)
+        if table is None:
+            table = self._tables[device] = self._tables[_HOST].to(device)
+        return table
+
+    def write(self, schedule: BypassSchedule) -> None:
+        """Write ``schedule`` into every copy of the table, in place (same storage: no recompile)."""
+        host = schedule.table(_HOST)
+        if host.shape != self.table.shape:
+            self._tables = {_HOST: host}  # a new length: new tables (compiled code recompiles once)
+        else:
+            for table in self._tables.values():
+                table.copy_(host)
+        self.schedule = schedule
+
+    @contextlib.contextmanager
+    def table_for_calls(self, table: torch.Tensor) -> Iterator[None]:
+        """Blend with ``table`` instead of the schedule's, in this thread, for the block's calls."""
+        previous = getattr(_CALLS, "table", None)
+        _CALLS.table = (self.token, table)
+        try:
+            yield
+        finally:
+            _CALLS.table = previous
+
+    # ----------------------------------------------------------------- the pipeline
+    def link_pipeline(self, pipeline) -> None:
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+
+    @property
+    def pipeline(self):
+        return self._pipeline() if self._pipeline is not None else None
+
+    def check_pipeline(self) -> None:
+        pipeline = self.pipeline
+        if pipeline is not None:
+            check_scheduler_T(pipeline, self.schedule)
+
+    # Code objects and weak references cannot be copied or pickled: a copy finds its forward's code
+    # again and has no pipeline (a copied pipeline links its copy again, see patching.PipelineLink).
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_owner_codes"]
+        state["_pipeline"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._owner_codes = forward_codes(self.owner)
+
+    def __repr__(self) -> str:
+        return f"BypassController(schedule={self.schedule!r}, backend={self.backend!r})"
+
+    # ----------------------------------------------------------------- what the hooks call
+    def owner_frame(self) -> int | None:
+        """The id of the model's forward frame that is calling the carrier (eager mode), or None
+        where it is not found (a forward replaced by the user's own)."""
+        frame = sys._getframe(3)
+        for _ in range(_STACK_DEPTH):
+            if frame is None:
+                return None
+            if frame.f_code in self._owner_codes:
+                return id(frame)
+            frame = frame.f_back
+        return None
+
+    def blend(self, block, m, h, timestep, table):
+        """Blend one stream; returns a new tensor (compiled, or when autograd needs one), else None (in place)."""
+        if not isinstance(m, Tensor) or not isinstance(h, Tensor):
+            raise TypeError(
+                f"bypass_kernels: the span must take and return tensors, got {type(h).__name__} -> "
+                f"{type(m).__name__} at {type(block).__name__}; unpatch this model"
+            )
+        if m.shape != h.shape:
+            raise ValueError(
+                f"bypass_kernels: the bypassed blocks changed the shape {tuple(h.shape)} -> {tuple(m.shape)}; "
+                "the bypass needs blocks whose output has their input's shape. Unpatch with bypass_kernels.unpatch()."
+            )
+        if m is h:  # an identity span: the blend is the identity too
+            return None
+        if table is None:
+            table = self.table_on(m.device)
+        t = _per_sample(timestep, m.shape[0])
+        if is_compiling():  # plain ops, out of place: what the compiler fuses into the block's last kernel
+            return blend_reference(m, h, table, t)
+        if torch.is_grad_enabled() and (m.requires_grad or h.requires_grad):
+            return blend(m, h, table, t, backend=self.backend)
+        blend_(m, h, table, t, backend=self.backend)
+        return None
+
+    # ----------------------------------------------------------------- install / remove
+    def install(self) -> None:
+        """Attach: all or nothing (on any failure the model is left as it was)."""
+        try:
+            if self.carrier.module is None:
+                hook = self.owner.register_forward_pre_hook(KeepModelTimestep(self), with_kwargs=True)
+            else:
+                hook = self.carrier.module.register_forward_pre_hook(KeepTimestep(self))
+            self._handles.append(hook)
+            self._handles.append(self.span.first.register_forward_pre_hook(EnterSpan(self), with_kwargs=True))
+            self._handles.append(self.span.last.register_forward_hook(LeaveSpan(self), with_kwargs=True))
+            base = type(self.trigger)
+            self.trigger.__class__ = marker_class(base)
+            self._swapped = (self.trigger, base)
+        except Exception:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles = []
+        if self._swapped is not None:
+            module, base = self._swapped
+            if is_marked(module):
+                module.__class__ = base
+            self._swapped = None
+
+
+_HOOKS = (KeepTimestep, EnterSpan, LeaveSpan)  # KeepModelTimestep is a KeepTimestep
+
+
+def owner_of(module: nn.Module) -> BypassController | None:
+    """The controller whose hooks sit on ``module``, if any (found through the hooks themselves, so
+    copies and pickles answer too)."""
+    for attr in ("_forward_pre_hooks", "_forward_hooks"):
+        for hook in getattr(module, attr).values():
+            if isinstance(hook, _HOOKS):
+                return hook.controller
+    return None
+
+
+def forward_codes(owner: nn.Module) -> frozenset:
+    """The code of the model's forward along its class hierarchy (a subclass's forward may call its
+    base's, and the base's frame is the one that calls the carrier)."""
+    codes = set()
+    for cls in type(owner).__mro__:
+        fn = cls.__dict__.get("forward")
+        while fn is not None:  # through decorators (diffusers wraps forward for LoRA scales)
+            code = getattr(fn, "__code__", None)
+            if code is not None:
+                codes.add(code)
+            fn = getattr(fn, "__wrapped__", None)
+    return frozenset(codes)
+
+
+def _on_stack(frame_id: int) -> bool:
+    frame = sys._getframe(2)
+    for _ in range(_STACK_DEPTH):
+        if frame is None:
+            return False
+        if id(frame) == frame_id:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _check_unchanged(entered: tuple, versions: tuple) -> None:
+    for tensor, version in zip(entered, versions, strict=True):
+        if version is not None and tensor._version != version:
+            raise ValueError(
+                "bypass_kernels: the bypassed blocks changed their input in place (an in-place op on the tensor "
+                "they were given), so the input the blend needs is gone. Make that op out of place (for example "
+                "nn.SiLU(inplace=False)) or unpatch this model."
+            )
+
+
+def _per_sample(timestep: torch.Tensor, batch: int) -> torch.Tensor:
+    """Video UNets fold frames into the batch before the mid-block (sample-major, as diffusers'
+    UNet3D, SVD, AnimateDiff and I2VGen-XL do): a [B] timestep becomes [B·F], each sample's value
+    repeated over its frames. Shapes only: no host sync, no graph break."""
+    n = timestep.numel()
+    if n in (1, batch) or batch % n != 0:
+        return timestep  # blend_ rejects the last case with a clear message
+    return timestep.reshape(-1).repeat_interleave(batch // n)
+
+
+def check_scheduler_T(pipeline, schedule: BypassSchedule) -> None:
+    """A pipeline whose scheduler has another ``num_train_timesteps`` than the table: refused."""
+    T = scheduler_T(pipeline)
+    if T is not None and schedule.num_train_timesteps != T:
+        raise ValueError(
+            f"schedule: built for num_train_timesteps={schedule.num_train_timesteps}, but the pipeline's scheduler "
+            f"has {T}; build it with num_train_timesteps={T} and call bypass_kernels.set_schedule(pipe, schedule)"
+        )
+
+
+def scheduler_T(pipeline) -> int | None:
+    """The pipeline scheduler's num_train_timesteps, or None (a bare model has no scheduler)."""
+    config = getattr(getattr(pipeline, "scheduler", None), "config", None)
+    T = getattr(config, "num_train_timesteps", None) if config is not None else None
+    return T if isinstance(T, int) else None

@@ -1,0 +1,316 @@
+"""How the patch attaches: one call's record per thread, exact types, shared blocks, in-place
+blocks, copies of patched pipelines, and the torch.compile facts the mechanism rests on."""
+
+import copy
+import pickle
+import sys
+import threading
+
+import pytest
+import torch
+from conftest import HAS_CUDA, example_inputs, gpu, hand_hook, run_unet
+from test_reliability import Mid
+from torch import nn
+
+from bypass_kernels import BypassSchedule, is_patched, patch, unpatch
+from bypass_kernels.presets import build_unet
+
+SCHEDULE = BypassSchedule.linear(0.9, t_min=0)
+
+
+def reference(unet, inputs, weight_of):
+    handles = hand_hook(unet, weight_of)
+    try:
+        return run_unet(unet, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return build_unet("tiny-sd")
+
+
+@pytest.fixture(autouse=True)
+def _unpatched(unet):
+    yield
+    unpatch(unet)
+
+
+# --------------------------------------------------------------------- one record per call and thread
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+def test_threads_calling_a_compiled_patched_unet_each_get_their_own_lambda(unet, device, monkeypatch):
+    """4 threads, t = 900 and 100 alternating: every call's output is its own timestep's."""
+    model = copy.deepcopy(unet).to(device)
+    batches = {t: example_inputs(model, batch=1, timestep=torch.tensor([float(t)])) for t in (900, 100)}
+    batches = {
+        t: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for t, b in batches.items()
+    }
+    expected = {t: reference(model, b, SCHEDULE.weight) for t, b in batches.items()}
+    assert not torch.allclose(expected[900], expected[100], atol=1e-3)
+    patch(model, SCHEDULE)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for b in batches.values():
+        run_unet(compiled, b)  # compile once per timestep shape before the threads start
+    monkeypatch.setattr(sys, "getswitchinterval", sys.getswitchinterval)
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: any shared state shows
+    wrong = []
+    try:
+
+        def worker(k):
+            for i in range(15):
+                t = 900 if (i + k) % 2 else 100
+                if not torch.allclose(run_unet(compiled, batches[t]), expected[t], atol=1e-5, rtol=1e-5):
+                    wrong.append(t)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(0.005)
+    assert not wrong, f"{len(wrong)} of 60 calls got another call's λ"
+
+
+def test_a_call_that_fails_before_the_mid_block_leaves_nothing_behind(unet):
+    """A UNet call that raises between the timestep and the mid-block, then the mid-block on its own:
+    it is the plain mid-block, not blended with the failed call's timestep."""
+    inputs = example_inputs(unet, batch=2, timestep=torch.tensor([999, 999]))
+    captured = {}
+    handle = unet.mid_block.register_forward_pre_hook(
+        lambda m, a, k: captured.update(args=a, kwargs=k), with_kwargs=True
+    )
+    run_unet(unet, inputs)
+    handle.remove()
+    with torch.no_grad():
+        plain = unet.mid_block(*captured["args"], **captured["kwargs"])
+    patch(unet, BypassSchedule.constant(1.0))
+    bad = dict(inputs, encoder_hidden_states=torch.randn(2, 5, 7))  # wrong width: cross-attention raises
+    with pytest.raises(RuntimeError):
+        run_unet(unet, bad)
+    with torch.no_grad():
+        alone = unet.mid_block(*captured["args"], **captured["kwargs"])
+    assert torch.equal(alone, plain)
+    torch.testing.assert_close(run_unet(unet, inputs), reference(unpatch(copy.deepcopy(unet)), inputs, lambda t: 1.0))
+
+
+# --------------------------------------------------------------------- exact types
+def test_the_model_and_its_blocks_keep_their_exact_classes(unet):
+    classes = {name: type(m) for name, m in unet.named_modules()}
+    patch(unet)
+    changed = {name for name, m in unet.named_modules() if type(m) is not classes[name]}
+    assert changed == {"time_proj"}  # the parameter-free timestep projection: the compile trigger
+    assert type(unet) is classes[""] and type(unet.mid_block) is classes["mid_block"]
+    unpatch(unet)
+    assert all(type(m) is classes[name] for name, m in unet.named_modules())
+
+
+def test_from_config_of_a_patched_model_builds_a_plain_model(unet):
+    patch(unet)
+    fresh = type(unet).from_config(unet.config)
+    assert type(fresh) is type(unet) and not is_patched(fresh)
+    assert all(not type(m).__dict__.get("_bypass_base") for m in fresh.modules())
+
+
+def test_from_pipe_and_register_modules_accept_a_patched_pipeline(tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    from tiny_pipelines import sd_pipeline
+
+    pipe = sd_pipeline(tmp_path)
+    patch(pipe, SCHEDULE)
+    assert type(pipe.unet) is UNet2DConditionModel
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    assert img2img.unet is pipe.unet and is_patched(img2img)
+    pipe.register_modules(unet=pipe.unet)
+    image = torch.rand(1, 3, 32, 32)
+    out = img2img("a cat", image=image, num_inference_steps=2, strength=0.9, output_type="pt").images
+    assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------- shared blocks, parametrize
+class Toy(nn.Module):
+    def __init__(self, mid=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv_in = nn.Conv2d(4, 4, 3, padding=1)
+        self.mid_block = mid if mid is not None else Mid()
+
+    def forward(self, sample, timestep):
+        return self.mid_block(self.conv_in(sample)) * 2
+
+
+X = torch.randn(2, 4, 5, 5)
+T = torch.tensor([900.0, 300.0])
+
+
+def toy_reference(toy, schedule, mid=None):
+    with torch.no_grad():
+        h = toy.conv_in(X)
+        m = (mid or toy.mid_block)(h.clone())
+        lam = torch.tensor([schedule.weight(v) for v in T.tolist()]).view(-1, 1, 1, 1)
+        return ((1 - lam) * m + lam * h) * 2
+
+
+def call(model):
+    with torch.no_grad():
+        return model(X, T)
+
+
+def test_two_models_sharing_a_mid_block_cannot_both_be_patched():
+    a = Toy()
+    b = Toy(mid=a.mid_block)
+    patch(a, SCHEDULE)
+    with pytest.raises(ValueError, match="already bypassed through another model"):
+        patch(b, SCHEDULE)
+    assert not is_patched(b) and type(b) is Toy
+    unpatch(b)  # nothing to undo
+    unpatch(a)
+    patch(b, SCHEDULE)
+    torch.testing.assert_close(call(b), toy_reference(b, SCHEDULE))
+    unpatch(b)
+    assert type(a) is Toy and type(b) is Toy and all(not m._forward_hooks for m in (a.mid_block, b.mid_block))
+
+
+class Leaf(nn.Conv2d):
+    def __init__(self):
+        super().__init__(4, 4, 3, padding=1)
+
+
+@pytest.mark.parametrize("order", ["patch-parametrize-unpatch", "parametrize-patch-remove"])
+def test_parametrize_on_a_leaf_mid_block(order):
+    from torch.nn.utils import parametrizations, parametrize
+
+    toy = Toy(mid=Leaf())
+    if order == "patch-parametrize-unpatch":
+        patch(toy, SCHEDULE)
+        parametrizations.weight_norm(toy.mid_block)
+        torch.testing.assert_close(call(toy), toy_reference(toy, SCHEDULE))
+        unpatch(toy)
+        assert parametrize.is_parametrized(toy.mid_block)
+        torch.testing.assert_close(call(toy), toy_reference(toy, BypassSchedule.constant(0.0)))
+    else:
+        parametrizations.weight_norm(toy.mid_block)
+        patch(toy, SCHEDULE)
+        parametrize.remove_parametrizations(toy.mid_block, "weight")
+        assert type(toy.mid_block) is Leaf
+        torch.testing.assert_close(call(toy), toy_reference(toy, SCHEDULE))
+        unpatch(toy)
+    assert type(toy) is Toy
+
+
+# --------------------------------------------------------------------- blocks that write their input
+class ReluMid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.SiLU(inplace=True)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, hidden_states, temb=None):
+        return self.conv(self.act(hidden_states))
+
+
+class FunctionalInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, hidden_states, temb=None):
+        return self.conv(hidden_states.relu_())
+
+
+@pytest.mark.parametrize("mid", [ReluMid, lambda: nn.ReLU(inplace=True)], ids=["silu-inplace-first", "bare-relu"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_mid_block_with_inplace_modules_is_blended_with_its_real_input(mid, compiled):
+    toy = Toy(mid=mid())
+    expected = toy_reference(toy, SCHEDULE)
+    patch(toy, SCHEDULE)
+    model = torch.compile(toy, backend="eager", fullgraph=True) if compiled else toy
+    torch.testing.assert_close(call(model), expected)
+
+
+def test_a_mid_block_that_writes_its_input_by_hand_is_refused_in_eager_mode():
+    toy = Toy(mid=FunctionalInPlace())
+    patch(toy, SCHEDULE)
+    with pytest.raises(ValueError, match="in place"):
+        call(toy)
+
+
+# --------------------------------------------------------------------- copies of a patched pipeline
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_of_a_patched_pipeline_keep_the_scheduler_check(tmp_path, how):
+    from diffusers import DDIMScheduler
+    from tiny_pipelines import sd_pipeline
+
+    pipe = patch(sd_pipeline(tmp_path), SCHEDULE)
+    clone = copy.deepcopy(pipe) if how == "deepcopy" else pickle.loads(pickle.dumps(pipe))
+    assert clone.unet is not pipe.unet and is_patched(clone)
+    clone.scheduler = DDIMScheduler(num_train_timesteps=500)
+    with pytest.raises(ValueError, match="num_train_timesteps=500"):
+        clone("a cat", num_inference_steps=2, output_type="pt")
+    pipe("a cat", num_inference_steps=2, output_type="pt")  # the original is untouched
+    unpatch(clone)
+    assert "_bypass_link" not in clone.__dict__ and is_patched(pipe)
+
+
+# --------------------------------------------------------------------- what the mechanism rests on
+class Timesteps(nn.Module):
+    def forward(self, t):
+        return t[:, None].float()
+
+
+class Carried(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.time_proj = Timesteps()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x, t):
+        return self.conv(x) + self.time_proj(t).mean()
+
+
+def test_dynamo_does_not_see_new_hooks_but_sees_a_swapped_submodule_class():
+    """The facts of torch.compile that the patch is built on (checked on the torch installed here):
+    a hook added to a submodule after compiling is not seen (Dynamo skips guards on empty hook dicts),
+    and swapping that submodule's class recompiles. If the first ever fails, hooks alone would do."""
+    model = Carried()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x, t = torch.randn(1, 4, 2, 2), torch.tensor([3.0])
+    before = compiled(x, t)
+    handle = model.time_proj.register_forward_pre_hook(lambda m, a: (a[0] * 0,))
+    stale = compiled(x, t)
+    assert torch.equal(stale, before), f"torch {torch.__version__} now guards on hooks"
+    base = type(model.time_proj)
+    model.time_proj.__class__ = type(base.__name__, (base,), {})
+    seen = compiled(x, t)
+    assert not torch.equal(seen, before)
+    handle.remove()
+    model.time_proj.__class__ = base
+    assert torch.equal(compiled(x, t), before)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@gpu
+def test_compile_then_patch_then_cuda_graph_capture(unet):
+    """torch.compile first, patch after, then capture one step in a CUDA graph and replay it for two
+    timesteps written into the same input buffer: each replay equals the eager patched model."""
+    model = copy.deepcopy(unet).cuda().half()
+    inputs = example_inputs(model, batch=2, timestep=torch.tensor([900.0, 900.0]))
+    inputs = {k: v.cuda().half() if v.is_floating_point() and k != "timestep" else v.cuda() for k, v in inputs.items()}
+    compiled = torch.compile(model, fullgraph=True)
+    run_unet(compiled, inputs)
+    patch(model, SCHEDULE)
+    static = {k: v.clone() for k, v in inputs.items()}
+    for _ in range(2):
+        run_unet(compiled, static)  # recompile after patch, warm up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run_unet(compiled, static)
+    for t in (900.0, 150.0):
+        static["timestep"].fill_(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = run_unet(model, dict(inputs, timestep=torch.tensor([t, t], device="cuda")))
+        torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
