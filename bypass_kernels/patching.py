@@ -103,13 +103,19 @@ def _as_schedule(schedule, pipeline) -> BypassSchedule:
     return schedule
 
 
-def _controller(model) -> BypassController | None:
+def _controllers(model) -> list[BypassController]:
+    """The controllers of every model ``model`` stands for (a pipeline may have two transformers)."""
     try:
-        owner, _ = targets.find_owner(model)
+        owners, _ = targets.models_of(model)
     except TypeError:
-        return None
-    controller = owner.__dict__.get(_ATTR)
-    return controller if isinstance(controller, BypassController) else None
+        return []
+    found = [owner.__dict__.get(_ATTR) for owner in owners]
+    return [c for c in found if isinstance(c, BypassController)]
+
+
+def _controller(model) -> BypassController | None:
+    found = _controllers(model)
+    return found[0] if found else None
 
 
 def _refuse_shared(target: targets.Target, mine: BypassController | None) -> None:
@@ -143,42 +149,80 @@ def patch(
     schedule: BypassSchedule | str | dict | None = None,
     *,
     backend: str = "auto",
+    span=None,
+    streams: str = "all",
     timestep_module: str | None = None,
+    timestep_scale: float | None = None,
 ):
-    """Bypass the mid-block of ``model`` by ``schedule`` (default: :func:`default_schedule`).
+    """Bypass part of ``model`` by ``schedule`` (default: :func:`default_schedule`).
 
-    ``model``: a diffusers UNet (``UNet2DConditionModel``, ``UNet2DModel``, the video UNets), any
-    ``nn.Module`` with a shape-preserving ``mid_block``, a ``DiffusionPipeline`` (its ``unet`` is
-    patched), or any of these compiled: the next call recompiles. ``schedule``: a
-    :class:`BypassSchedule`, a spec string as the command line takes it (``"linear:0.3:500"``), or
-    a dict from ``to_dict()``. ``timestep_module``: for a model this package does not know, the
-    name of the submodule whose first argument is the call's timestep (a UNet's ``time_proj``); the
-    timestep is then read inside the model's forward, which costs nothing under torch.compile.
-    Patching a patched model replaces its schedule and backend; it never stacks. Returns ``model``.
-    On any error the model is left exactly as it was and the error is a ``TypeError`` or
-    ``ValueError`` naming the cause.
+    ``model``: a diffusers UNet (its mid-block is bypassed), a diffusers transformer (SD3, Flux,
+    PixArt, Sana, Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi, QwenImage: a span of its blocks),
+    a ``DiffusionPipeline`` (its ``unet``, or its ``transformer`` and ``transformer_2``), any
+    ``nn.Module`` with a shape-preserving ``mid_block``, or any of these compiled (the next call
+    recompiles). ``schedule``: a :class:`BypassSchedule`, a spec string as the command line takes
+    it (``"linear:0.3:500"``), or a dict from ``to_dict()``.
+
+    Transformers: ``span`` is the run of blocks to bypass, inclusive indices ``(i, j)`` (or one
+    index) over the blocks in execution order, a block name (``"single_transformer_blocks.3"``), a
+    pair of names, or a preset name (``"sd3.5-slg"``, ``"stg"``); None is the family's default
+    (this package's own choice: the middle 1/16 of the blocks). ``streams="all"`` blends every
+    stream the span returns (λ = 1 deletes the span), ``"image"`` the image stream only.
+
+    ``timestep_module``: the name of the submodule whose first argument is the call's timestep (for
+    a model this package does not know; a UNet's ``time_proj``), read inside the model's forward,
+    which costs nothing under torch.compile. ``timestep_scale``: table units per unit that module
+    receives (the family's by default).
+
+    Patching a patched model replaces its schedule and backend (and its span, when one is given);
+    it never stacks. Returns ``model``. On any error the model is left exactly as it was and the
+    error is a ``TypeError`` or ``ValueError`` naming the cause.
     """
-    target = targets.resolve(model, timestep_module=timestep_module)
-    schedule = _as_schedule(schedule, target.pipeline)
-    _check_attachable(target)
-    _check_span_shape(target)
-    device = _model_device(target.owner)
-    backends.require(backend, device.type if device.type != "meta" else None)
+    owners, pipeline = targets.models_of(model)
+    found = [
+        targets.resolve(
+            owner, pipeline, span=span, streams=streams, timestep_module=timestep_module, timestep_scale=timestep_scale
+        )
+        for owner in owners
+    ]
+    schedule = _as_schedule(schedule, pipeline)
+    explicit = span is not None or streams != "all" or timestep_module is not None or timestep_scale is not None
+    for target in found:
+        _check_attachable(target)
+        _check_span_shape(target)
+        device = _model_device(target.owner)
+        backends.require(backend, device.type if device.type != "meta" else None)
+        _refuse_shared(target, _controller(target.owner))
+        if _ATTR in target.owner.__dict__ and not isinstance(target.owner.__dict__[_ATTR], BypassController):
+            raise ValueError(f"bypass_kernels.patch: {type(target.owner).__name__} already has an attribute {_ATTR!r}")
+    attached = []
+    try:
+        for target in found:
+            controller = _controller(target.owner)
+            if controller is not None and explicit and _attachment(controller) != _attachment(target):
+                unpatch(target.owner)  # asked for another span or timestep: attach anew
+                controller = None
+            if controller is None:
+                controller = _attach(target, schedule, backend)
+                attached.append(target.owner)
+            else:
+                controller.write(schedule)
+                controller.backend = backend
+            if pipeline is not None:
+                _link(controller, pipeline)
+    except Exception:
+        for owner in attached:
+            unpatch(owner)
+        raise
+    return model
 
-    controller = _controller(target.owner)
-    _refuse_shared(target, controller)
-    moved = controller is not None and controller.carrier.module is not target.carrier.module
-    if timestep_module is not None and moved:
-        unpatch(target.owner)  # asked for another timestep module: attach anew
-        controller = None
-    if controller is not None:
-        controller.write(schedule)
-        controller.backend = backend
-        if target.pipeline is not None:
-            _link(controller, target.pipeline)
-        return model
-    if _ATTR in target.owner.__dict__ or hasattr(type(target.owner), _ATTR):
-        raise ValueError(f"bypass_kernels.patch: {type(target.owner).__name__} already has an attribute {_ATTR!r}")
+
+def _attachment(x) -> tuple:
+    """What decides where the hooks sit: the span's blocks and streams, the carrier and its scale."""
+    return (x.span, x.carrier.module, x.carrier.scale)
+
+
+def _attach(target: targets.Target, schedule: BypassSchedule, backend: str) -> BypassController:
     controller = BypassController(
         schedule,
         backend,
@@ -198,20 +242,20 @@ def patch(
             f"bypass_kernels.patch: cannot attach to {type(target.owner).__name__} ({type(exc).__name__}: {exc}); "
             "the model is unchanged. Patch the eager diffusers module (not a TorchScript or traced one)."
         ) from exc
-    _link(controller, target.pipeline)
-    return model
+    return controller
 
 
 def unpatch(model):
     """Restore ``model`` exactly: hooks removed, the swapped class restored, the controller dropped;
     a second call does nothing. Compiled models recompile on their next call. Returns ``model``."""
-    owner, pipeline = targets.find_owner(model, "unpatch")
-    controller = _controller(owner)
-    if controller is not None:
-        controller.remove()
-        del owner.__dict__[_ATTR]
-        _unlink(pipeline)
-        _unlink(controller.pipeline)
+    owners, pipeline = targets.models_of(model, "unpatch")
+    for owner in owners:
+        controller = owner.__dict__.get(_ATTR)
+        if isinstance(controller, BypassController):
+            controller.remove()
+            del owner.__dict__[_ATTR]
+            _unlink(controller.pipeline)
+    _unlink(pipeline)
     return model
 
 
@@ -227,26 +271,34 @@ def get_schedule(model) -> BypassSchedule | None:
 def set_schedule(model, schedule: BypassSchedule | str | dict):
     """Write ``schedule`` into the patched model's tables, in the same storage (no recompile, and a
     captured CUDA graph sees the new values). Returns ``model``."""
-    controller = _controller(model)
-    if controller is None:
+    controllers = _controllers(model)
+    if not controllers:
         raise ValueError("set_schedule: the model is not patched; call bypass_kernels.patch(model, schedule) first")
-    _, pipeline = targets.find_owner(model, "set_schedule")
-    schedule = _as_schedule(schedule, pipeline if pipeline is not None else controller.pipeline)
-    if schedule.num_train_timesteps != controller.table.shape[0]:
-        raise ValueError(
-            f"set_schedule: the table holds {controller.table.shape[0]} timesteps, the schedule "
-            f"{schedule.num_train_timesteps}; call patch(model, schedule) to change the length"
-        )
-    controller.write(schedule)
+    _, pipeline = targets.models_of(model, "set_schedule")
+    schedule = _as_schedule(schedule, pipeline if pipeline is not None else controllers[0].pipeline)
+    for controller in controllers:
+        if schedule.num_train_timesteps != controller.table.shape[0]:
+            raise ValueError(
+                f"set_schedule: the table holds {controller.table.shape[0]} timesteps, the schedule "
+                f"{schedule.num_train_timesteps}; call patch(model, schedule) to change the length"
+            )
+    for controller in controllers:
+        controller.write(schedule)
     return model
 
 
 @contextlib.contextmanager
-def patched(model, schedule: BypassSchedule | str | dict | None = None, *, backend: str = "auto") -> Iterator:
-    """``with patched(unet, schedule): ...`` patches for the block, then restores the previous state."""
+def patched(model, schedule: BypassSchedule | str | dict | None = None, *, backend: str = "auto", **where) -> Iterator:
+    """``with patched(unet, schedule): ...`` patches for the block, then restores the previous state.
+    ``where``: ``span``, ``streams``, ``timestep_module``, ``timestep_scale`` as :func:`patch` takes them."""
     before = _controller(model)
     previous = (before.schedule, before.backend) if before is not None else None
-    patch(model, schedule, backend=backend)
+    if previous is not None and any(v is not None and v != "all" for v in where.values()):
+        raise ValueError(
+            "patched: the model is already patched; a span or timestep for the block would replace its attachment "
+            "for good. Use patched(model, schedule) on it, or unpatch it first"
+        )
+    patch(model, schedule, backend=backend, **where)
     try:
         yield model
     finally:

@@ -1,43 +1,42 @@
-"""Bypass schedules: the weight λ(t) of the mid-block bypass at each training timestep.
+"""Bypass schedules: the weight λ(t) of the bypass at each training timestep.
 
-A schedule is an immutable description (shape, strength, active range) that renders to a
-float32 table of length T = ``num_train_timesteps``. Every backend, the compiled graph and the
-exported ONNX/TensorRT graph read λ from that table at
-``idx = clamp(round_half_to_even(float32(t)), 0, T - 1)``.
+A schedule is an immutable value (shape, strength, active range) that renders to a float32 table
+of length T = ``num_train_timesteps``. Every backend, the compiled graph and the exported
+ONNX/TensorRT graph read λ from that table at ``idx = clamp(round_half_to_even(float32(t)), 0, T - 1)``.
+Constructors live here; λ by fraction of sampling is worked out in :mod:`bypass_kernels.steps`,
+records and spec strings are read in :mod:`bypass_kernels.spec`.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import numbers
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["BypassSchedule", "default_schedule", "timestep_index"]
+from bypass_kernels import spec, steps
+from bypass_kernels._checks import (
+    MAX_TRAIN_TIMESTEPS,
+    as_float,
+    as_float_list,
+    check_fraction,
+    check_num_inference_steps,
+    check_ramp,
+    check_strength,
+    check_T,
+    check_timestep_bound,
+)
 
-# to_dict()/from_dict() keys per shape: (required, optional), besides "shape"
-_KEYS = {
-    "constant": (("strength",), ("t_min", "t_max", "num_train_timesteps")),
-    "linear": (("strength",), ("t_min", "t_max", "num_train_timesteps")),
-    "cosine": (("strength",), ("t_min", "t_max", "num_train_timesteps")),
-    "table": (("values",), ("num_train_timesteps",)),
-    "steps": (("timesteps", "strengths"), ("num_train_timesteps",)),
-    "for_scheduler": (
-        ("scheduler", "num_inference_steps", "strength"),
-        ("start", "end", "ramp", "timesteps", "num_train_timesteps"),
-    ),
-}
+__all__ = ["MAX_TRAIN_TIMESTEPS", "BypassSchedule", "default_schedule", "timestep_index"]
 
 
 def timestep_index(t: float, num_train_timesteps: int) -> int:
     """Table index of one timestep: float32, round half to even, clamp to [0, T-1]; NaN reads index 0,
     as every backend, compiled graph and exported graph does."""
-    T = _check_T(num_train_timesteps)
+    T = check_T(num_train_timesteps)
     if isinstance(t, torch.Tensor):
         if t.numel() != 1:
             raise ValueError(f"timestep: expected a single value, got shape {tuple(t.shape)}")
@@ -54,179 +53,6 @@ def timestep_index(t: float, num_train_timesteps: int) -> int:
     if torch.isnan(value):
         return 0
     return int(value.round().clamp(0, T - 1))
-
-
-# float32 holds every integer up to 2**24 exactly; a table longer than that has entries that
-# idx = round(float32(t)) can never reach.
-MAX_TRAIN_TIMESTEPS = 2**24
-
-
-def _r(value: Any) -> str:
-    """repr for an error message, shortened (a 400-digit int stays readable)."""
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
-
-
-def _float(value: Any, name: str) -> float:
-    try:
-        return float(value)
-    except OverflowError:
-        raise ValueError(f"{name}: {_r(value)} is too large for a float") from None
-
-
-def _check_T(num_train_timesteps: Any) -> int:
-    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, numbers.Integral):
-        raise TypeError(f"num_train_timesteps: expected an int, got {_r(num_train_timesteps)}")
-    if not 2 <= num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
-        raise ValueError(
-            f"num_train_timesteps: expected an int in [2, 2**24] (float32 timesteps are exact up to 2**24),"
-            f" got {_r(num_train_timesteps)}"
-        )
-    return int(num_train_timesteps)
-
-
-def _check_strength(strength: Any, name: str = "strength") -> float:
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
-        raise TypeError(f"{name}: expected a number in [0, 1], got {_r(strength)}")
-    value = _float(strength, name)
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}: expected a finite number in [0, 1], got {_r(strength)}")
-    return value
-
-
-def _check_timestep_bound(value: Any, name: str, T: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected an integer timestep in [0, {T - 1}], got {_r(value)}")
-    if not isinstance(value, numbers.Integral) and not _float(value, name).is_integer():
-        raise ValueError(f"{name}: expected an integer timestep, got {_r(value)}")
-    if not 0 <= value <= T - 1:
-        raise ValueError(f"{name}: expected a timestep in [0, {T - 1}] (T = num_train_timesteps), got {_r(value)}")
-    return int(value)
-
-
-def _as_float_list(values: Any, name: str) -> list[float]:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().reshape(-1).tolist()
-    elif hasattr(values, "tolist"):  # numpy arrays
-        values = values.tolist()
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{name}: expected a sequence of numbers, got {type(values).__name__}")
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"{name}[{i}]: expected a number, got {_r(v)}")
-        out.append(_float(v, f"{name}[{i}]"))
-    return out
-
-
-_RAMPS = ("constant", "linear", "cosine")
-
-
-def _check_scheduler(scheduler: Any) -> tuple[int, str]:
-    config = getattr(scheduler, "config", None)
-    if (
-        isinstance(scheduler, type)
-        or not callable(getattr(scheduler, "set_timesteps", None))
-        or not isinstance(config, Mapping)
-    ):
-        raise TypeError(f"scheduler: expected a diffusers scheduler instance, got {_r(scheduler)}")
-    if "num_train_timesteps" not in config:
-        raise ValueError("scheduler: its config has no num_train_timesteps")
-    try:
-        T = _check_T(config["num_train_timesteps"])
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"scheduler.config.{exc}") from None
-    return T, type(scheduler).__name__
-
-
-def _check_num_inference_steps(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"num_inference_steps: expected a positive int, got {_r(value)}")
-    if value < 1:
-        raise ValueError(f"num_inference_steps: expected a positive int, got {_r(value)}")
-    return int(value)
-
-
-def _check_fraction(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a fraction of sampling in [0, 1], got {_r(value)}")
-    x = _float(value, name)
-    if not math.isfinite(x) or not 0.0 <= x <= 1.0:
-        raise ValueError(f"{name}: expected a fraction of sampling in [0, 1], got {_r(value)}")
-    return x
-
-
-def _check_ramp(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name}: expected one of {', '.join(_RAMPS)}, got {_r(value)}")
-    if value not in _RAMPS:
-        raise ValueError(f"{name}: expected one of {', '.join(_RAMPS)}, got {value!r}")
-    return value
-
-
-def _visited_timesteps(scheduler: Any, N: int) -> list[float]:
-    """``scheduler.timesteps`` after ``set_timesteps(N)``, computed on a deep copy."""
-    work = copy.deepcopy(scheduler)
-    try:
-        work.set_timesteps(N, device="cpu")
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"num_inference_steps: {type(scheduler).__name__}.set_timesteps({N}) failed: {exc}") from None
-    timesteps = _as_float_list(work.timesteps, "scheduler.timesteps")
-    if not timesteps:
-        raise ValueError(f"scheduler: set_timesteps({N}) gave no timesteps")
-    for i, t in enumerate(timesteps):
-        if not math.isfinite(t):
-            raise ValueError(f"scheduler.timesteps[{i}]: expected a finite timestep, got {t!r}")
-    return timesteps
-
-
-def _ramp(ramp: str, s: float, a: float, b: float, p: float) -> float:
-    if not a <= p < b:
-        return 0.0
-    if ramp == "constant":
-        return s
-    if ramp == "linear":
-        return s * (b - p) / (b - a)
-    return s * (1.0 + math.cos(math.pi * (p - a) / (b - a))) / 2.0
-
-
-def _per_call_strengths(timesteps: list[float], N: int, s: float, a: float, b: float, ramp: str, T: int):
-    """λ of each call: its step's ramp value, then one value per table index (the last call's)."""
-    L = len(timesteps)
-    own = [_ramp(ramp, s, a, b, (k * N // L) / N) for k in range(L)]
-    indices = [timestep_index(t, T) for t in timesteps]
-    by_index = dict(zip(indices, own, strict=True))  # later calls overwrite: the least noisy wins
-    return [by_index[i] for i in indices]
-
-
-def _build_scheduler(spec: Any, T: int | None) -> Any:
-    """A diffusers scheduler from a class name or a config mapping (``_class_name`` plus settings)."""
-    if isinstance(spec, str):
-        config: dict[str, Any] = {}
-        name = spec
-    elif isinstance(spec, Mapping):
-        config = {str(k): v for k, v in spec.items() if k != "_class_name"}
-        name = spec.get("_class_name")
-        if not isinstance(name, str):
-            raise ValueError("scheduler: a scheduler config needs '_class_name' (e.g. 'EulerDiscreteScheduler')")
-    else:
-        raise TypeError(f"scheduler: expected a diffusers scheduler class name or config, got {_r(spec)}")
-    try:
-        import diffusers
-    except ImportError:
-        raise ValueError(f"scheduler: {name!r} needs diffusers installed (or give the resolved 'timesteps')") from None
-    # only *Scheduler names are looked up: a pipeline or model name would import half of diffusers
-    scheduler_cls = getattr(diffusers, name, None) if name.isidentifier() and name.endswith("Scheduler") else None
-    if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, diffusers.SchedulerMixin)):
-        raise ValueError(f"scheduler: {name!r} is not a diffusers scheduler class (e.g. 'DDIMScheduler')")
-    if T is not None and config.setdefault("num_train_timesteps", T) != T:
-        raise ValueError(
-            f"num_train_timesteps: {T} disagrees with the scheduler config's {config['num_train_timesteps']!r}"
-        )
-    try:
-        return scheduler_cls.from_config(config)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ValueError(f"scheduler: cannot build {name} from {_r(config)}: {exc}") from None
 
 
 def _freeze(value: Any) -> Any:
@@ -281,10 +107,10 @@ class BypassSchedule:
     # ----------------------------------------------------------------- constructors
     @classmethod
     def _analytic(cls, shape: str, strength, t_min, t_max, num_train_timesteps) -> BypassSchedule:
-        T = _check_T(num_train_timesteps)
-        s = _check_strength(strength)
-        lo = _check_timestep_bound(t_min, "t_min", T)
-        hi = T - 1 if t_max is None else _check_timestep_bound(t_max, "t_max", T)
+        T = check_T(num_train_timesteps)
+        s = check_strength(strength)
+        lo = check_timestep_bound(t_min, "t_min", T)
+        hi = T - 1 if t_max is None else check_timestep_bound(t_max, "t_max", T)
         if lo >= hi:
             raise ValueError(f"t_min must be below t_max, got t_min={lo}, t_max={hi}")
         t = torch.arange(T, dtype=torch.float64)
@@ -317,8 +143,8 @@ class BypassSchedule:
     @classmethod
     def from_table(cls, values, *, num_train_timesteps: int = 1000) -> BypassSchedule:
         """λ given for every integer timestep 0..T-1 (values are stored as float32)."""
-        T = _check_T(num_train_timesteps)
-        floats = _as_float_list(values, "values")
+        T = check_T(num_train_timesteps)
+        floats = as_float_list(values, "values")
         if len(floats) != T:
             raise ValueError(f"values: expected {T} entries (num_train_timesteps), got {len(floats)}")
         for i, v in enumerate(floats):
@@ -333,9 +159,9 @@ class BypassSchedule:
 
         Each timestep is rounded to its table index; every other index gets λ = 0.
         """
-        T = _check_T(num_train_timesteps)
-        ts = _as_float_list(timesteps, "timesteps")
-        ss = _as_float_list(strengths, "strengths")
+        T = check_T(num_train_timesteps)
+        ts = as_float_list(timesteps, "timesteps")
+        ss = as_float_list(strengths, "strengths")
         if len(ts) != len(ss):
             raise ValueError(f"timesteps and strengths must have the same length, got {len(ts)} and {len(ss)}")
         if not ts:
@@ -345,7 +171,7 @@ class BypassSchedule:
         for i, (t, s) in enumerate(zip(ts, ss, strict=True)):
             if not math.isfinite(t) or not 0 <= t <= T - 1:
                 raise ValueError(f"timesteps[{i}]: expected a timestep in [0, {T - 1}], got {t!r}")
-            s = _check_strength(s, f"strengths[{i}]")
+            s = check_strength(s, f"strengths[{i}]")
             idx = timestep_index(t, T)
             s32 = float(torch.tensor(s, dtype=torch.float32))
             if idx in seen and seen[idx] != s32:
@@ -367,6 +193,8 @@ class BypassSchedule:
         start: float = 0.0,
         end: float = 1.0,
         shape: str = "linear",
+        mu: float | None = None,
+        sigmas=None,
     ) -> BypassSchedule:
         """λ by fraction of sampling: active on the part ``[start, end)`` of the scheduler's steps.
 
@@ -375,13 +203,17 @@ class BypassSchedule:
         ``strength·(end − p)/(end − start)`` (``"linear"``, fading from strength at ``start``) or
         ``strength·(1 + cos(π(p − start)/(end − start)))/2`` (``"cosine"``); outside it λ is 0.
 
-        The timesteps are those ``scheduler.set_timesteps(num_inference_steps)`` gives, read from a
-        deep copy (the scheduler passed in is not changed). When a scheduler calls the model more
-        than once per step (Heun, KDPM2: ``len(timesteps)`` = L > N), call k belongs to step
-        ``k·N // L``. The result is a per-step table (as :meth:`from_steps`): each visited timestep,
-        at its index ``round_half_to_even(float32(t))``, gets its step's λ; every other index gets 0,
-        so use it with the scheduler and step count it was made for (image-to-image with them
-        visits a tail of the same timesteps and gets their λ).
+        The timesteps are those ``scheduler.set_timesteps(num_inference_steps)`` gives (with ``mu``
+        and ``sigmas`` when given: flow-matching schedulers that shift by image size need ``mu``;
+        :meth:`for_pipeline` works both out as the pipeline does), read from a deep copy (the
+        scheduler passed in is not changed). When a scheduler calls the model more than once per
+        step (Heun, KDPM2: ``len(timesteps)`` = L > N), call k belongs to step ``k·N // L``.
+
+        The table: each visited timestep, at its index ``round_half_to_even(float32(t))``, gets its
+        step's λ; every other index gets the λ of the nearest visited index (half a gap beyond the
+        first and last, 0 further out), so a model that sees a slightly different timestep (Flux
+        pipelines round t to bfloat16) reads its own step's λ. Use it with the scheduler and step
+        count it was made for (image-to-image with them visits a tail of the same timesteps).
 
         Repeated index rule: when several calls land on one index (Heun's corrector of step i
         runs at step i+1's timestep; Karras sigmas and fractional timesteps can round two steps
@@ -389,20 +221,46 @@ class BypassSchedule:
         timestep is then weighted by where it sits in the schedule: the timestep at which step i
         starts gets exactly λ(i/N), unless a later step starts at the same index.
         """
-        T, name = _check_scheduler(scheduler)
-        N = _check_num_inference_steps(num_inference_steps)
-        s = _check_strength(strength)
-        a, b = _check_fraction(start, "start"), _check_fraction(end, "end")
+        T, name = steps.check_scheduler(scheduler)
+        N = check_num_inference_steps(num_inference_steps)
+        s = check_strength(strength)
+        a, b = check_fraction(start, "start"), check_fraction(end, "end")
         if a >= b:
             raise ValueError(f"start must be below end, got start={a!r}, end={b!r}")
-        ramp = _check_ramp(shape, "shape")
-        return cls._for_visits(name, _visited_timesteps(scheduler, N), N, s, a, b, ramp, T)
+        ramp = check_ramp(shape, "shape")
+        if mu is not None:
+            mu = as_float(mu, "mu")
+        if sigmas is not None:
+            sigmas = as_float_list(sigmas, "sigmas")
+        visited = steps.visited_timesteps(scheduler, N, mu=mu, sigmas=sigmas)
+        return cls._for_visits(name, visited, N, s, a, b, ramp, T, mu=mu, sigmas=sigmas)
 
     @classmethod
-    def _for_visits(cls, name: str, timesteps: list[float], N: int, s: float, a: float, b: float, ramp: str, T: int):
-        strengths = _per_call_strengths(timesteps, N, s, a, b, ramp, T)
-        # the table is the per-step table of from_steps (timesteps outside [0, T-1] read the clamped end)
-        steps = cls.from_steps([min(max(t, 0.0), T - 1.0) for t in timesteps], strengths, num_train_timesteps=T)
+    def for_pipeline(
+        cls,
+        pipe,
+        num_inference_steps: int,
+        strength: float,
+        *,
+        start: float = 0.0,
+        end: float = 1.0,
+        shape: str = "linear",
+        height: int | None = None,
+        width: int | None = None,
+    ) -> BypassSchedule:
+        """:meth:`for_scheduler` with the timesteps ``pipe`` itself samples at for that image size:
+        Flux-family pipelines set ``sigmas = linspace(1, 1/N, N)`` and shift by the packed latent
+        length (``mu``), SD3 shifts when its scheduler is set to (``use_dynamic_shifting``); other
+        pipelines use ``set_timesteps(N)``. ``height``/``width`` default to the pipeline's own."""
+        N = check_num_inference_steps(num_inference_steps)
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is None:
+            raise TypeError(f"pipe: expected a diffusers pipeline with a scheduler, got {type(pipe).__name__}")
+        extra = steps.pipeline_arguments(pipe, N, height, width)
+        return cls.for_scheduler(scheduler, N, strength, start=start, end=end, shape=shape, **extra)
+
+    @classmethod
+    def _for_visits(cls, name: str, timesteps, N, s, a, b, ramp, T, *, mu=None, sigmas=None) -> BypassSchedule:
         params = {
             "scheduler": name,
             "num_inference_steps": N,
@@ -412,7 +270,11 @@ class BypassSchedule:
             "ramp": ramp,
             "timesteps": timesteps,
         }
-        return cls("for_scheduler", params, T, steps._table)
+        if mu is not None:
+            params["mu"] = mu
+        if sigmas is not None:
+            params["sigmas"] = list(sigmas)
+        return cls("for_scheduler", params, T, steps.per_step_table(timesteps, N, s, a, b, ramp, T))
 
     # ----------------------------------------------------------------- accessors
     @property
@@ -457,57 +319,10 @@ class BypassSchedule:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BypassSchedule:
         """The schedule described by ``data`` (a :meth:`to_dict` result); every key is checked."""
-        if not isinstance(data, Mapping):
-            raise TypeError(f"expected a mapping from to_dict(), got {type(data).__name__}")
-        if "shape" not in data:
-            raise ValueError("schedule: missing key 'shape'")
-        shape = data["shape"]
-        if not isinstance(shape, str) or shape not in _KEYS:
-            raise ValueError(f"shape: expected one of {', '.join(_KEYS)}, got {shape!r}")
-        required, optional = _KEYS[shape]
-        missing = [k for k in required if k not in data]
-        if missing:
-            raise ValueError(f"{shape} schedule: missing key {missing[0]!r} (it needs {', '.join(required)})")
-        unknown = sorted(str(k) for k in data if k not in required and k not in optional and k != "shape")
-        if unknown:
-            raise ValueError(f"{shape} schedule: unexpected key {unknown[0]!r}")
-        if shape == "for_scheduler":
-            return cls._for_scheduler_from_dict(data)
-        T = data.get("num_train_timesteps", 1000)
-        if shape == "table":
-            return cls.from_table(data["values"], num_train_timesteps=T)
-        if shape == "steps":
-            return cls.from_steps(data["timesteps"], data["strengths"], num_train_timesteps=T)
-        return getattr(cls, shape)(data["strength"], data.get("t_min", 0), data.get("t_max"), num_train_timesteps=T)
+        return spec.from_dict(cls, data)
 
     @classmethod
-    def _for_scheduler_from_dict(cls, data: Mapping[str, Any]) -> BypassSchedule:
-        N = _check_num_inference_steps(data["num_inference_steps"])
-        s = _check_strength(data["strength"])
-        a, b = _check_fraction(data.get("start", 0.0), "start"), _check_fraction(data.get("end", 1.0), "end")
-        if a >= b:
-            raise ValueError(f"start must be below end, got start={a!r}, end={b!r}")
-        ramp = _check_ramp(data.get("ramp", "linear"), "ramp")
-        spec = data["scheduler"]
-        if "timesteps" not in data:  # a hand-written record: build the scheduler and read its timesteps
-            T = data.get("num_train_timesteps")
-            scheduler = _build_scheduler(spec, None if T is None else _check_T(T))
-            return cls.for_scheduler(scheduler, N, s, start=a, end=b, shape=ramp)
-        # the resolved timesteps are authoritative: no scheduler (nor diffusers) is needed to rebuild
-        T = _check_T(data.get("num_train_timesteps", 1000))
-        name = spec.get("_class_name") if isinstance(spec, Mapping) else spec
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"scheduler: expected a scheduler class name, got {_r(spec)}")
-        timesteps = _as_float_list(data["timesteps"], "timesteps")
-        if not timesteps:
-            raise ValueError("timesteps: expected at least one timestep")
-        for i, t in enumerate(timesteps):
-            if not math.isfinite(t):
-                raise ValueError(f"timesteps[{i}]: expected a finite timestep, got {t!r}")
-        return cls._for_visits(name, timesteps, N, s, a, b, ramp, T)
-
-    @classmethod
-    def parse(cls, spec: str | Mapping[str, Any] | BypassSchedule | None, *, num_train_timesteps: int = 1000):
+    def parse(cls, text: str | Mapping[str, Any] | BypassSchedule | None, *, num_train_timesteps: int = 1000):
         """A schedule from a command-line spec.
 
         Accepts ``"default"``, ``"off"``, ``"SHAPE:STRENGTH[:T_MIN[:T_MAX]]"`` (e.g. ``linear:0.3:500``),
@@ -516,59 +331,7 @@ class BypassSchedule:
         JSON file written from :meth:`to_dict` (a ``for_scheduler`` record may leave out
         ``timesteps``; its ``scheduler`` is then a class name or a config with ``_class_name``).
         """
-        if spec is None or isinstance(spec, BypassSchedule):
-            return spec
-        if isinstance(spec, Mapping):
-            return cls.from_dict(spec)
-        if not isinstance(spec, str):
-            raise TypeError(f"schedule spec: expected a string, got {type(spec).__name__}")
-        text = spec.strip()
-        if text == "default":
-            return default_schedule(num_train_timesteps=num_train_timesteps)
-        if text in ("off", "none"):
-            return cls.constant(0.0, num_train_timesteps=num_train_timesteps)
-        if text.startswith("{"):
-            return cls.from_dict(_json_object(text, "schedule spec"))
-        if text.endswith(".json") or os.path.isfile(text):
-            try:
-                with open(text, encoding="utf-8") as f:
-                    content = f.read()
-            except OSError as exc:
-                raise ValueError(f"schedule spec: cannot read {text!r}: {exc.strerror or exc}") from None
-            return cls.from_dict(_json_object(content, f"schedule spec {text!r}"))
-        parts = text.split(":")
-        if parts[0] == "for_scheduler":
-            return cls._parse_for_scheduler(spec, parts[1:], num_train_timesteps)
-        if parts[0] not in ("constant", "linear", "cosine") or not 2 <= len(parts) <= 4:
-            raise ValueError(
-                f"schedule spec {spec!r}: expected 'default', 'off', 'constant|linear|cosine:STRENGTH[:T_MIN[:T_MAX]]',"
-                " a JSON object or a JSON file"
-            )
-        try:
-            numbers_ = [float(parts[1])] + [int(p) for p in parts[2:]]
-        except ValueError:
-            raise ValueError(f"schedule spec {spec!r}: STRENGTH is a number, T_MIN and T_MAX integers") from None
-        return getattr(cls, parts[0])(*numbers_, num_train_timesteps=num_train_timesteps)
-
-    @classmethod
-    def _parse_for_scheduler(cls, spec: str, parts: list[str], T: int) -> BypassSchedule:
-        if not 3 <= len(parts) <= 6:
-            raise ValueError(
-                f"schedule spec {spec!r}: expected 'for_scheduler:SCHEDULER:STEPS:STRENGTH[:START[:END[:SHAPE]]]'"
-                " (e.g. for_scheduler:EulerDiscreteScheduler:30:0.3:0:0.4:cosine)"
-            )
-        try:
-            steps = int(parts[1])
-        except ValueError:
-            raise ValueError(f"schedule spec {spec!r}: STEPS is an integer, got {parts[1]!r}") from None
-        try:
-            values = [float(p) for p in parts[2:5]]
-        except ValueError:
-            raise ValueError(f"schedule spec {spec!r}: STRENGTH, START and END are numbers") from None
-        start, end = (values[1:] + [0.0, 1.0][len(values) - 1 :])[:2]
-        shape = parts[5] if len(parts) == 6 else "linear"
-        scheduler = _build_scheduler(parts[0], _check_T(T))
-        return cls.for_scheduler(scheduler, steps, values[0], start=start, end=end, shape=shape)
+        return spec.parse(cls, text, num_train_timesteps)
 
     # ----------------------------------------------------------------- dunder
     def __eq__(self, other: object) -> bool:
@@ -602,13 +365,6 @@ class BypassSchedule:
         )
 
 
-def _json_object(text: str, name: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError as exc:  # JSONDecodeError, and ints past Python's digit limit
-        raise ValueError(f"{name}: invalid JSON: {exc}") from None
-
-
 def _from_dict(data: Mapping[str, Any]) -> BypassSchedule:
     return BypassSchedule.from_dict(data)
 
@@ -621,5 +377,5 @@ def default_schedule(*, num_train_timesteps: int = 1000) -> BypassSchedule:
     project's own experiment (README, "Evidence") does not support any non-zero strength on its
     synthetic data; tune on your model.
     """
-    T = _check_T(num_train_timesteps)
+    T = check_T(num_train_timesteps)
     return BypassSchedule.linear(0.3, t_min=min(T // 2, T - 2), num_train_timesteps=T)

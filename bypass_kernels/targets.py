@@ -1,21 +1,28 @@
 """What a patch attaches to: the model, the span of blocks it bypasses, and where the timestep is.
 
 :func:`resolve` turns what the user passed (a model, a compiled model, a pipeline) into a
-:class:`Target`. A UNet's span is its mid-block; the timestep is read where the UNet's forward
-hands it to its timestep projection (``time_proj``), inside the forward. A module this package
-does not know is read through its own ``timestep`` argument.
+:class:`Target`:
+
+- a diffusers UNet: the span is its mid-block; the timestep is read where the forward hands it to
+  ``time_proj``, inside the forward;
+- a diffusers transformer (DiT): the span is a run of blocks i..j over its block lists in execution
+  order (Flux: ``transformer_blocks`` then ``single_transformer_blocks``); the timestep is read at
+  the model's time embedder, the first submodule its forward passes it to (:data:`TRANSFORMERS`);
+- any other module with a ``mid_block``: the timestep is read from its own ``timestep`` argument.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
 
 from bypass_kernels.attach import Carrier, Span, Stream
 
-# diffusers UNets whose forward passes the [batch] timesteps to ``self.time_proj`` before any other
-# use of that module (a second use, for class labels or fps, comes later in the same call).
+# diffusers UNets whose forward passes the [batch] timesteps to ``self.time_proj`` once per call
+# (I2VGenXLUNet also projects fps with it, and class_embed_type="timestep" the class labels: those
+# read the timestep from the model's argument instead).
 UNET_CARRIERS = frozenset(
     {
         "UNet2DConditionModel",
@@ -23,9 +30,72 @@ UNET_CARRIERS = frozenset(
         "UNet3DConditionModel",
         "UNetMotionModel",
         "UNetSpatioTemporalConditionModel",
-        "I2VGenXLUNet",
     }
 )
+
+
+@dataclass(frozen=True)
+class BlockIO:
+    """How a transformer block takes and returns its streams (diffusers 0.42)."""
+
+    inputs: tuple[tuple[str, int], ...]  # (keyword, position) of each stream in forward; the image stream first
+    outputs: dict  # stream keyword -> index in the returned tuple (None: the block returns that tensor)
+
+
+_IMAGE_ONLY = BlockIO((("hidden_states", 0),), {"hidden_states": None})
+_TEXT_FIRST = BlockIO(
+    (("hidden_states", 0), ("encoder_hidden_states", 1)), {"encoder_hidden_states": 0, "hidden_states": 1}
+)
+_IMAGE_FIRST = BlockIO(
+    (("hidden_states", 0), ("encoder_hidden_states", 1)), {"hidden_states": 0, "encoder_hidden_states": 1}
+)
+BLOCKS: dict[str, BlockIO] = {
+    "JointTransformerBlock": _TEXT_FIRST,  # SD3 / SD3.5 (the last block returns (None, hidden))
+    "FluxTransformerBlock": _TEXT_FIRST,
+    "FluxSingleTransformerBlock": _TEXT_FIRST,
+    "QwenImageTransformerBlock": _TEXT_FIRST,
+    "BasicTransformerBlock": _IMAGE_ONLY,  # PixArt-α/Σ
+    "SanaTransformerBlock": _IMAGE_ONLY,
+    "WanTransformerBlock": _IMAGE_ONLY,
+    "LTXVideoTransformerBlock": _IMAGE_ONLY,
+    "CogVideoXBlock": _IMAGE_FIRST,
+    "MochiTransformerBlock": _IMAGE_FIRST,
+    "HunyuanVideoTransformerBlock": _IMAGE_FIRST,
+    "HunyuanVideoSingleTransformerBlock": _IMAGE_FIRST,
+    "HunyuanVideoTokenReplaceTransformerBlock": _IMAGE_FIRST,
+    "HunyuanVideoTokenReplaceSingleTransformerBlock": _IMAGE_FIRST,
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A diffusers transformer class: its block lists in execution order and its time embedder."""
+
+    block_lists: tuple[str, ...]
+    embedder: str  # submodule whose first argument is the call's timestep, once per call
+    scale: float = 1.0  # table units per unit the embedder receives (QwenImage: σ in [0, 1])
+    presets: tuple[tuple[str, tuple[int, int], str], ...] = ()  # (name, (i, j), source)
+
+
+_STG = "spatiotemporal skip guidance, arXiv 2411.18664"
+TRANSFORMERS: dict[str, Family] = {
+    "SD3Transformer2DModel": Family(
+        ("transformer_blocks",),
+        "time_text_embed",
+        presets=(("sd3.5-slg", (7, 9), "skip-layer guidance layers of SD3.5 Medium, Stability-AI/sd3.5 sd3_infer.py"),),
+    ),
+    "FluxTransformer2DModel": Family(("transformer_blocks", "single_transformer_blocks"), "time_text_embed"),
+    "PixArtTransformer2DModel": Family(("transformer_blocks",), "adaln_single"),
+    "SanaTransformer2DModel": Family(("transformer_blocks",), "time_embed"),
+    "WanTransformer3DModel": Family(("blocks",), "condition_embedder", presets=(("stg", (2, 2), _STG),)),
+    "CogVideoXTransformer3DModel": Family(("transformer_blocks",), "time_proj", presets=(("stg", (11, 11), _STG),)),
+    "HunyuanVideoTransformer3DModel": Family(
+        ("transformer_blocks", "single_transformer_blocks"), "time_text_embed", presets=(("stg", (2, 2), _STG),)
+    ),
+    "LTXVideoTransformer3DModel": Family(("transformer_blocks",), "time_embed", presets=(("stg", (19, 19), _STG),)),
+    "MochiTransformer3DModel": Family(("transformer_blocks",), "time_embed", presets=(("stg", (34, 34), _STG),)),
+    "QwenImageTransformer2DModel": Family(("transformer_blocks",), "time_text_embed", scale=1000.0),
+}
 
 
 @dataclass(frozen=True)
@@ -35,29 +105,76 @@ class Target:
     carrier: Carrier
     span: Span
     trigger: nn.Module  # the module whose class is swapped so compiled code sees the patch
-    family: str  # "unet" or "module" (a model this package does not know by class)
+    family: str  # "unet", "transformer" or "module" (a model this package does not know by class)
+
+
+# --------------------------------------------------------------------- finding the model
+def models_of(model, caller: str = "patch") -> tuple[list[nn.Module], object | None]:
+    """([the model(s) to patch], the pipeline they came from or None). A pipeline gives its ``unet``
+    or ``transformer`` (and ``transformer_2``, Wan 2.2's second expert, when it has one)."""
+    pipeline = None
+    found = [model]
+    if not isinstance(model, nn.Module):
+        if getattr(model, "unet", None) is not None:
+            pipeline, found = model, [model.unet]
+        elif getattr(model, "transformer", None) is not None:
+            pipeline = model
+            found = [m for m in (model.transformer, getattr(model, "transformer_2", None)) if m is not None]
+    found = [getattr(m, "_orig_mod", m) for m in found]  # a torch.compile'd module: patch the original
+    for m in found:
+        if not isinstance(m, nn.Module) or not (hasattr(m, "mid_block") or _family(m) is not None):
+            raise TypeError(
+                f"bypass_kernels.{caller}: expected a diffusers UNet or transformer (see the support matrix), a "
+                f"DiffusionPipeline, or an nn.Module with a .mid_block; got {type(model).__name__}, which has neither "
+                "a mid-block nor known transformer blocks"
+            )
+    return found, pipeline
 
 
 def find_owner(model, caller: str = "patch") -> tuple[nn.Module, object | None]:
-    """(the model to patch, the pipeline it came from or None)."""
-    pipeline = None
-    target = model
-    if not isinstance(model, nn.Module) and hasattr(model, "unet"):  # a DiffusionPipeline
-        pipeline, target = model, model.unet
-    target = getattr(target, "_orig_mod", target)  # a torch.compile'd module: patch the original
-    if not isinstance(target, nn.Module) or not hasattr(target, "mid_block"):
-        raise TypeError(
-            f"bypass_kernels.{caller}: expected a diffusers UNet (UNet2DConditionModel, UNet2DModel, video UNets), "
-            f"a DiffusionPipeline with a .unet, or an nn.Module with a .mid_block; got {type(model).__name__}, "
-            "which has no mid-block"
+    """(the model to patch, the pipeline it came from or None): the first of :func:`models_of`."""
+    found, pipeline = models_of(model, caller)
+    return found[0], pipeline
+
+
+def _family(model: nn.Module) -> Family | None:
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("diffusers.") and cls.__name__ in TRANSFORMERS:
+            return TRANSFORMERS[cls.__name__]
+    return None
+
+
+# --------------------------------------------------------------------- resolving
+def resolve(
+    owner: nn.Module,
+    pipeline=None,
+    caller: str = "patch",
+    *,
+    span=None,
+    streams: str = "all",
+    timestep_module: str | None = None,
+    timestep_scale: float | None = None,
+) -> Target:
+    """The target for one model (from :func:`models_of`). ``span``: for a transformer, inclusive
+    block indices ``(i, j)`` (or one index) over its blocks in execution order, a block name
+    (``"single_transformer_blocks.3"``), a pair of names, or a preset name; None: the default
+    span. ``streams``: ``"all"`` blends every stream a block returns, ``"image"`` the image stream only."""
+    if streams not in ("all", "image"):
+        raise ValueError(f"bypass_kernels.{caller}: streams must be 'all' or 'image', got {streams!r}")
+    if timestep_scale is not None and (not isinstance(timestep_scale, (int, float)) or not timestep_scale > 0):
+        raise ValueError(f"bypass_kernels.{caller}: timestep_scale must be a positive number, got {timestep_scale!r}")
+    family = _family(owner)
+    if family is not None:
+        target_span = _transformer_span(owner, family, span, streams, caller)
+        name = timestep_module or family.embedder
+        scale = family.scale if timestep_scale is None else float(timestep_scale)
+        carrier = Carrier(_named_carrier(owner, name, caller), scale)
+        return Target(owner, pipeline, carrier, target_span, carrier.module, "transformer")
+    if span not in (None, "mid_block"):
+        raise ValueError(
+            f"bypass_kernels.{caller}: span={span!r}: {type(owner).__name__} bypasses its mid-block; span is for "
+            "transformer models"
         )
-    return target, pipeline
-
-
-def resolve(model, caller: str = "patch", *, timestep_module: str | None = None) -> Target:
-    """``timestep_module``: the name of the submodule whose first argument is the call's timestep, for
-    a model this package does not know (default: the family's, else the model's own argument)."""
-    owner, pipeline = find_owner(model, caller)
     mid = owner.mid_block
     if mid is None:
         raise ValueError(
@@ -66,11 +183,10 @@ def resolve(model, caller: str = "patch", *, timestep_module: str | None = None)
         )
     if not isinstance(mid, nn.Module):
         raise TypeError(f"bypass_kernels.{caller}: mid_block must be an nn.Module, got {type(mid).__name__}")
-    span = Span(first=mid, last=mid, streams=(Stream("hidden_states", 0, None),), modules=(mid,))
-    carrier_module = _named_carrier(owner, timestep_module, caller) if timestep_module else _unet_carrier(owner)
-    family = "unet" if carrier_module is not None else "module"
-    carrier = Carrier(carrier_module)
-    return Target(owner, pipeline, carrier, span, carrier_module or owner, family)
+    unet_span = Span(first=mid, last=mid, streams=(Stream("hidden_states", 0, None),), modules=(mid,))
+    module = _named_carrier(owner, timestep_module, caller) if timestep_module else _unet_carrier(owner)
+    carrier = Carrier(module, 1.0 if timestep_scale is None else float(timestep_scale))
+    return Target(owner, pipeline, carrier, unet_span, module or owner, "unet" if module is not None else "module")
 
 
 def _named_carrier(owner: nn.Module, name: str, caller: str) -> nn.Module:
@@ -86,10 +202,102 @@ def _named_carrier(owner: nn.Module, name: str, caller: str) -> nn.Module:
 
 
 def _unet_carrier(owner: nn.Module) -> nn.Module | None:
-    """``owner.time_proj`` where ``owner`` is (a subclass of) a diffusers UNet known to call it
-    with the timesteps first; None otherwise."""
+    """``owner.time_proj`` where ``owner`` is (a subclass of) a diffusers UNet that calls it once per
+    call with the timesteps; None otherwise."""
     known = any(
         cls.__name__ in UNET_CARRIERS and cls.__module__.startswith("diffusers.") for cls in type(owner).__mro__
     )
+    config = getattr(owner, "config", None)
+    if getattr(config, "class_embed_type", None) == "timestep":  # time_proj also projects the class labels
+        return None
     time_proj = owner._modules.get("time_proj")
     return time_proj if known and isinstance(time_proj, nn.Module) else None
+
+
+# --------------------------------------------------------------------- transformer spans
+def blocks_of(owner: nn.Module, family: Family) -> list[tuple[str, nn.Module]]:
+    """(name, block) for every block in execution order, e.g. ``("single_transformer_blocks.0", …)``."""
+    out = []
+    for list_name in family.block_lists:
+        for i, block in enumerate(getattr(owner, list_name, None) or ()):
+            out.append((f"{list_name}.{i}", block))
+    return out
+
+
+def default_span(n: int) -> tuple[int, int]:
+    """This package's own default: the middle 1/16 of the blocks (at least one), centred on block n//2
+    (a UNet's mid-block is about that share of its depth). Not from the paper: no published work
+    applies the partial bypass to transformers."""
+    width = max(1, math.ceil(n / 16))
+    i = max(0, n // 2 - width // 2)
+    return i, min(n - 1, i + width - 1)
+
+
+def _transformer_span(owner: nn.Module, family: Family, span, streams: str, caller: str) -> Span:
+    blocks = blocks_of(owner, family)
+    n = len(blocks)
+    if n == 0:
+        raise ValueError(f"bypass_kernels.{caller}: {type(owner).__name__} has no transformer blocks")
+    names = [name for name, _ in blocks]
+    i, j = _span_indices(span, names, family, type(owner).__name__, caller)
+    first, last = blocks[i][1], blocks[j][1]
+    io_first, io_last = _block_io(first, caller), _block_io(last, caller)
+    stream_list = []
+    for k, (name, position) in enumerate(io_first.inputs):
+        if name not in io_last.outputs:
+            raise ValueError(
+                f"bypass_kernels.{caller}: span {names[i]}..{names[j]}: block {type(first).__name__} takes "
+                f"{name!r} but {type(last).__name__} does not return it; choose a span within one block kind"
+            )
+        stream_list.append(Stream(name, position, io_last.outputs[name], blend=(streams == "all" or k == 0)))
+    return Span(first=first, last=last, streams=tuple(stream_list), modules=tuple(b for _, b in blocks[i : j + 1]))
+
+
+def _block_io(block: nn.Module, caller: str) -> BlockIO:
+    for cls in type(block).__mro__:
+        if cls.__name__ in BLOCKS:
+            return BLOCKS[cls.__name__]
+    raise TypeError(
+        f"bypass_kernels.{caller}: block class {type(block).__name__} is not one this package knows how its "
+        f"streams enter and leave (known: {', '.join(sorted(BLOCKS))})"
+    )
+
+
+def _span_indices(span, names: list[str], family: Family, model: str, caller: str) -> tuple[int, int]:
+    n = len(names)
+    presets = {name: ij for name, ij, _ in family.presets}
+
+    def index(value) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError(f"bypass_kernels.{caller}: span: expected block indices or names, got {value!r}")
+        if isinstance(value, str):
+            if value not in names:
+                raise ValueError(
+                    f"bypass_kernels.{caller}: span: {model} has no block {value!r} (blocks: {names[0]} .. "
+                    f"{names[-1]}; presets: {', '.join(presets) or 'none'})"
+                )
+            return names.index(value)
+        if not 0 <= value < n:
+            raise ValueError(
+                f"bypass_kernels.{caller}: span: block index {value} is out of range 0..{n - 1} for {model}"
+            )
+        return value
+
+    if span is None:
+        return default_span(n)
+    if isinstance(span, str) and span in presets:
+        i, j = presets[span]
+        if j >= n:
+            raise ValueError(
+                f"bypass_kernels.{caller}: span preset {span!r} is blocks {i}..{j}, but this {model} has {n} blocks"
+            )
+        return i, j
+    if isinstance(span, (tuple, list)):
+        if len(span) != 2:
+            raise ValueError(f"bypass_kernels.{caller}: span: expected (first, last), got {span!r}")
+        i, j = index(span[0]), index(span[1])
+    else:
+        i = j = index(span)
+    if i > j:
+        raise ValueError(f"bypass_kernels.{caller}: span: the first block ({i}) comes after the last ({j})")
+    return i, j

@@ -304,8 +304,8 @@ class Widening(nn.Module):
 @pytest.mark.parametrize(
     ("make", "kwargs", "exc", "match"),
     [
-        (lambda u: nn.Linear(2, 2), {}, TypeError, "no mid-block"),
-        (lambda u: "unet", {}, TypeError, "no mid-block"),
+        (lambda u: nn.Linear(2, 2), {}, TypeError, "neither a mid-block"),
+        (lambda u: "unet", {}, TypeError, "neither a mid-block"),
         (lambda u: u, {"schedule": 0.3}, TypeError, "BypassSchedule"),
         (lambda u: u, {"backend": "fastest"}, ValueError, "backend"),
         (lambda u: u, {"backend": "cuda"}, bypass_kernels.BackendUnavailableError, "unavailable"),

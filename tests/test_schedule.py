@@ -270,6 +270,32 @@ def _schedulers():
     }
 
 
+def _nearest(values: dict, T=1000):
+    """The per-step table rule written out plainly: each index takes the value of the nearest given
+    index (a tie: the lower one), up to half a gap beyond the outermost given indices; 0 further out."""
+    keys = sorted(values)
+    if len(keys) == 1:
+        return [values[keys[0]] if j == keys[0] else 0.0 for j in range(T)]
+    lo = keys[0] - (keys[1] - keys[0]) // 2
+    hi = keys[-1] + (keys[-1] - keys[-2]) // 2
+    out = []
+    for j in range(T):
+        if not lo <= j <= hi:
+            out.append(0.0)
+            continue
+        best = min(keys, key=lambda k: (abs(k - j), k))
+        out.append(values[best])
+    return out
+
+
+def _table_of(timesteps, strengths, T=1000):
+    """{index: λ} for visited timesteps, the last call on an index winning."""
+    values = {}
+    for t, lam in zip(timesteps, strengths, strict=True):
+        values[timestep_index(min(max(float(t), 0.0), T - 1.0), T)] = float(torch.tensor(lam, dtype=torch.float32))
+    return values
+
+
 def _visited(scheduler, n):
     fresh = type(scheduler).from_config(scheduler.config)
     fresh.set_timesteps(n)
@@ -287,9 +313,8 @@ def test_for_scheduler_formulas_on_ddim(shape, start, end):
     assert timesteps.tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
     for i, t in enumerate(timesteps):
         assert s.weight(t) == pytest.approx(_ramp(shape, 0.6, start, end, i / 10), abs=1e-7), i
-    table = s.table()
-    visited = {int(t) for t in timesteps}
-    assert all(table[j] == 0 for j in range(1000) if j not in visited)  # λ = 0 between visited timesteps
+    lams = [_ramp(shape, 0.6, start, end, i / 10) for i in range(10)]
+    assert s.table().tolist() == _nearest(_table_of(timesteps, lams))  # between visited timesteps: the nearest
     assert s.max_strength == pytest.approx(0.6) if start in (0.0, 0.2) else True
     if shape == "linear":  # fading from strength at start
         assert s.weight(timesteps[round(start * 10)]) == pytest.approx(0.6)
@@ -334,17 +359,19 @@ def test_for_scheduler_fractional_timesteps(name):
         index = timestep_index(t, 1000)  # what every backend reads: round half to even in float32
         assert table[index].item() == pytest.approx(_ramp("cosine", 0.8, 0.0, 0.9, i / n), abs=1e-7)
         assert s.weight(t) == table[index].item()
-    assert table.count_nonzero() == sum(_ramp("cosine", 0.8, 0.0, 0.9, i / n) > 0 for i in range(n))
+    lams = [_ramp("cosine", 0.8, 0.0, 0.9, i / n) for i in range(n)]
+    assert table.tolist() == _nearest(_table_of(timesteps, lams))
 
 
 def test_for_scheduler_euler_ties_round_half_to_even():
     from diffusers import EulerDiscreteScheduler
 
-    s = BypassSchedule.for_scheduler(EulerDiscreteScheduler(), 7, 0.5, shape="constant")
+    s = BypassSchedule.for_scheduler(EulerDiscreteScheduler(), 7, 0.5, shape="linear")
     timesteps = s.to_dict()["timesteps"]
     assert 832.5 in timesteps and 166.5 in timesteps
-    assert s.weight(832) == 0.5 and s.weight(833) == 0.0  # 832.5 -> 832 (even)
-    assert s.weight(166) == 0.5 and s.weight(167) == 0.0  # 166.5 -> 166 (even)
+    assert timestep_index(832.5, 1000) == 832 and timestep_index(166.5, 1000) == 166  # half to even
+    assert s.weight(832.5) == s.weight(832) == pytest.approx(0.5 * 6 / 7)  # step 1 of 7 sits at index 832
+    assert s.weight(166.5) == s.weight(166) == pytest.approx(0.5 * 2 / 7)  # step 5 at index 166
 
 
 def test_for_scheduler_karras_repeated_timestep_takes_the_least_noisy_steps_lambda():
@@ -397,7 +424,9 @@ def test_for_scheduler_timesteps_past_the_table_read_its_end():
 
     s = BypassSchedule.for_scheduler(FlowMatchEulerDiscreteScheduler(), 4, 0.5, shape="constant")
     assert s.to_dict()["timesteps"][0] == 1000.0  # = T: the kernels clamp it to index T - 1
-    assert s.weight(1000.0) == s.weight(999) == 0.5 and s.table().count_nonzero() == 4
+    assert s.weight(1000.0) == s.weight(999) == 0.5
+    assert s.to_dict()["timesteps"] == [1000.0, 667.0, 334.0, 1.0]
+    assert s.table().tolist() == _nearest({999: 0.5, 667: 0.5, 334: 0.5, 1: 0.5})
 
 
 def test_for_scheduler_serialises_and_parses():
@@ -439,9 +468,9 @@ def test_for_scheduler_serialises_and_parses():
         "timesteps": [750.0, 500.0, 250.0, 0.0],
     }
     # the stored timesteps are authoritative: a record with other timesteps is another schedule
-    moved = {**made[0].to_dict(), "timesteps": [t - 1 for t in made[0].to_dict()["timesteps"]]}
-    assert BypassSchedule.from_dict(moved).weight(949) == made[0].weight(950) > 0
-    assert BypassSchedule.from_dict(moved).weight(950) == 0.0
+    moved = {**made[0].to_dict(), "timesteps": [t - 10 for t in made[0].to_dict()["timesteps"]]}
+    assert BypassSchedule.from_dict(moved).weight(940) == made[0].weight(950) > 0
+    assert not torch.equal(BypassSchedule.from_dict(moved).table(), made[0].table())
 
 
 def test_for_scheduler_is_a_value_too():

@@ -62,7 +62,7 @@ def tiny_text_encoder(folder, hidden: int, projection: int | None = None):
     return tokenizer, cls(config).eval()
 
 
-def tiny_vae():
+def tiny_vae(**overrides):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -74,6 +74,7 @@ def tiny_vae():
         latent_channels=4,
         norm_num_groups=16,
         sample_size=32,
+        **overrides,
     ).eval()
 
 
@@ -180,3 +181,149 @@ def run_img2img(pipe, strength: float, *, seed: int = 0):
         output_type="np",
     )
     return out.images
+
+
+# --------------------------------------------------------------------- transformer (DiT) pipelines
+def tiny_t5(max_len: int = 32, d_model: int = 32):
+    """(T5 tokenizer from an in-memory Unigram vocabulary: no files, no sentencepiece; T5 encoder)."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(c, -5.0) for c in chars] + [("▁" + c, -4.0) for c in chars]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_len)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return tokenizer, T5EncoderModel(config).eval()
+
+
+def sd3_pipeline(folder, *, num_layers: int = 4):
+    """StableDiffusion3Pipeline: two CLIP encoders with projection and a T5, an SD3 transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        (folder / "clip1").mkdir()
+        (folder / "clip2").mkdir()
+        tok1, te1 = tiny_text_encoder(folder / "clip1", 16, projection=16)
+        tok2, te2 = tiny_text_encoder(folder / "clip2", 16, projection=16)
+        tok3, te3 = tiny_t5()
+        transformer = SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            num_layers=num_layers,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,  # T5's width (the CLIP states are concatenated and padded to it)
+            caption_projection_dim=16,
+            pooled_projection_dim=32,  # the two CLIP projections side by side
+            out_channels=4,
+            pos_embed_max_size=16,
+        ).eval()
+        vae = tiny_vae(shift_factor=0.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=te1,
+        tokenizer=tok1,
+        text_encoder_2=te2,
+        tokenizer_2=tok2,
+        text_encoder_3=te3,
+        tokenizer_3=tok3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_pipeline(folder):
+    """FluxPipeline with a dynamically shifting flow-matching scheduler (as FLUX.1-dev's)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tok1, te1 = tiny_text_encoder(folder, 16)
+        tok2, te2 = tiny_t5()
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,  # 4 latent channels, packed 2x2
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=16,
+            guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4),
+        ).eval()
+        vae = tiny_vae(shift_factor=0.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=te1,
+        tokenizer=tok1,
+        text_encoder_2=te2,
+        tokenizer_2=tok2,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pixart_sigma_pipeline(folder):
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tokenizer, text_encoder = tiny_t5()
+        transformer = PixArtTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,
+            num_layers=3,
+            cross_attention_dim=16,
+            sample_size=16,
+            patch_size=2,
+            caption_channels=32,
+            use_additional_conditions=False,
+        ).eval()
+        vae = tiny_vae()
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+DIT_PIPELINES = {"sd3": sd3_pipeline, "flux": flux_pipeline, "pixart-sigma": pixart_sigma_pipeline}
+# what each pipeline call needs at 32x32 pixels besides the prompt
+DIT_CALL = {
+    "sd3": dict(max_sequence_length=32),
+    "flux": dict(max_sequence_length=32, guidance_scale=3.5),
+    "pixart-sigma": dict(max_sequence_length=32, use_resolution_binning=False, clean_caption=False),
+}

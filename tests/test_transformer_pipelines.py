@@ -1,0 +1,139 @@
+"""Tiny offline SD3, Flux and PixArt-Σ pipelines, patched: λ = 0 is the pipeline, λ = 1 the pipeline
+with the span deleted, and flow-matching schedules by fraction of sampling give each step its λ."""
+
+import math
+
+import pytest
+import torch
+from test_transformers import PassThrough, hand_span
+from tiny_pipelines import DIT_CALL, DIT_PIPELINES
+
+import bypass_kernels
+from bypass_kernels import BypassSchedule, patch, unpatch
+from bypass_kernels.targets import TRANSFORMERS, blocks_of
+
+FAMILY_OF = {"sd3": "sd3", "flux": "flux", "pixart-sigma": "pixart"}
+
+
+@pytest.fixture(scope="module", params=list(DIT_PIPELINES))
+def pipeline(request, tmp_path_factory):
+    return request.param, DIT_PIPELINES[request.param](tmp_path_factory.mktemp(request.param))
+
+
+def generate(pipe, name, steps=3, **extra):
+    with torch.no_grad():
+        return pipe(
+            "a cat",
+            num_inference_steps=steps,
+            height=32,
+            width=32,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+            **DIT_CALL[name],
+            **extra,
+        ).images
+
+
+def test_lambda_zero_is_the_pipeline_and_lambda_one_deletes_the_span(pipeline):
+    name, pipe = pipeline
+    plain = generate(pipe, name)
+    patch(pipe, BypassSchedule.constant(0.0))
+    assert torch.equal(generate(pipe, name), plain)
+    patch(pipe, BypassSchedule.constant(1.0), span=(0, 1))
+    bypassed = generate(pipe, name)
+    unpatch(pipe)
+    family = TRANSFORMERS[type(pipe.transformer).__name__]
+    saved = []
+    for block_name, _ in blocks_of(pipe.transformer, family)[:2]:
+        lst, idx = block_name.split(".")
+        saved.append((lst, int(idx), getattr(pipe.transformer, lst)[int(idx)]))
+        getattr(pipe.transformer, lst)[int(idx)] = PassThrough(FAMILY_OF[name])
+    try:
+        deleted = generate(pipe, name)
+    finally:
+        for lst, idx, block in saved:
+            getattr(pipe.transformer, lst)[idx] = block
+    torch.testing.assert_close(bypassed, deleted, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(bypassed, plain, atol=1e-3)
+    assert torch.equal(generate(pipe, name), plain)  # unpatched again
+
+
+def calls_of(pipe, name, steps, **extra):
+    """The timestep of every transformer call, as the pipeline passes it."""
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["timestep"].detach().clone()), with_kwargs=True
+    )
+    try:
+        generate(pipe, name, steps=steps, **extra)
+    finally:
+        handle.remove()
+    return seen
+
+
+def ramp(i, n, strength, start, end):
+    p = i / n
+    return strength * (end - p) / (end - start) if start <= p < end else 0.0
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_for_pipeline_gives_each_step_its_own_lambda(name, tmp_path):
+    """Flux (dynamic shift from the image size, sigmas from the pipeline) and SD3 (shift 3): the
+    schedule's timesteps are the ones the pipeline samples at, and the patched pipeline equals a
+    hand-written span hook that applies λ(i/N) at step i."""
+    pipe = DIT_PIPELINES[name](tmp_path)
+    n = 4
+    schedule = BypassSchedule.for_pipeline(pipe, n, 0.8, end=0.75, height=32, width=32)
+    seen = calls_of(pipe, name, n)
+    units = 1000.0 if name == "flux" else 1.0
+    assert [float(t[0]) * units for t in seen] == pytest.approx(schedule.to_dict()["timesteps"], abs=1e-3)
+    family = FAMILY_OF[name]
+    i, j = bypass_kernels.targets.default_span(
+        len(blocks_of(pipe.transformer, TRANSFORMERS[type(pipe.transformer).__name__]))
+    )
+    step = {"k": 0}
+    lams = [0.0, 0.0]
+    handles = hand_span(pipe.transformer, family, i, j, lams)
+
+    def next_step(module, args, kwargs):  # λ of this call's step, for every sample of its batch
+        lam = ramp(step["k"], n, 0.8, 0.0, 0.75)
+        batch = kwargs["hidden_states"].shape[0]
+        lams[:] = [lam] * batch
+        step["k"] += 1
+
+    handles.append(pipe.transformer.register_forward_pre_hook(next_step, with_kwargs=True))
+    expected = generate(pipe, name, steps=n)
+    for h in handles:
+        h.remove()
+    patch(pipe, schedule)
+    torch.testing.assert_close(generate(pipe, name, steps=n), expected, atol=1e-5, rtol=1e-5)
+    unpatch(pipe)
+
+
+def test_bfloat16_flux_reads_each_steps_lambda_though_the_pipeline_rounds_t(tmp_path):
+    """A bfloat16 Flux pipeline passes t/1000 in bfloat16 and the model multiplies by 1000 in
+    bfloat16: the timestep it sees is off the scheduler's by up to a few units. Every call still
+    reads its own step's λ, not 0 (the table gives each index its nearest step's λ)."""
+    pipe = DIT_PIPELINES["flux"](tmp_path).to(torch.bfloat16)
+    n = 12
+    schedule = BypassSchedule.for_pipeline(pipe, n, 0.9, end=1.0, height=32, width=32)
+    seen = calls_of(pipe, "flux", n)
+    model_sees = [float((t.to(torch.bfloat16) * 1000)[0]) for t in seen]  # what the time embedder gets
+    exact = schedule.to_dict()["timesteps"]
+    assert any(round(a) != round(b) for a, b in zip(model_sees, exact, strict=True))  # the rounding is real
+    for k, t in enumerate(model_sees):
+        assert schedule.weight(t) == pytest.approx(ramp(k, n, 0.9, 0.0, 1.0), abs=1e-6), (k, t, exact[k])
+
+
+def test_for_scheduler_needs_mu_for_a_dynamically_shifting_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    with pytest.raises(ValueError, match=r"pass mu, or use BypassSchedule\.for_pipeline"):
+        BypassSchedule.for_scheduler(scheduler, 10, 0.3)
+    made = BypassSchedule.for_scheduler(scheduler, 10, 0.3, mu=math.log(3.0))
+    assert made.to_dict()["mu"] == pytest.approx(math.log(3.0))
+    assert BypassSchedule.from_dict(made.to_dict()) == made
+    record = {k: v for k, v in made.to_dict().items() if k != "timesteps"}  # rebuilt from the scheduler and mu
+    record["scheduler"] = {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}
+    assert BypassSchedule.from_dict(record).table().tolist() == made.table().tolist()

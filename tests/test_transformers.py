@@ -1,0 +1,307 @@
+"""The span bypass on diffusers transformers (DiTs): SD3, Flux, PixArt, Sana, Wan, CogVideoX,
+HunyuanVideo, each tiny, against hand-written hooks and against the model with its span deleted."""
+
+import copy
+import pickle
+
+import pytest
+import tiny_transformers as tt
+import torch
+from torch import nn
+
+import bypass_kernels
+from bypass_kernels import BypassSchedule, patch, set_schedule, unpatch
+from bypass_kernels.targets import default_span
+
+# Test data written from the diffusers source, independently of bypass_kernels.targets:
+# block lists in execution order, and where each block returns (hidden, text); None: a tensor.
+LISTS = {
+    "sd3": ("transformer_blocks",),
+    "flux": ("transformer_blocks", "single_transformer_blocks"),
+    "pixart": ("transformer_blocks",),
+    "sana": ("transformer_blocks",),
+    "wan": ("blocks",),
+    "cogvideox": ("transformer_blocks",),
+    "hunyuanvideo": ("transformer_blocks", "single_transformer_blocks"),
+}
+RETURNS = {"sd3": (1, 0), "flux": (1, 0), "cogvideox": (0, 1), "hunyuanvideo": (0, 1)}  # (hidden, text) indices
+TABLE_UNITS = {"flux": 1000.0}  # Flux pipelines pass t/1000; the model multiplies by 1000 inside
+
+
+def blocks(model, name):
+    return [b for lst in LISTS[name] for b in getattr(model, lst)]
+
+
+def table_timestep(name, kwargs):
+    return (kwargs["timestep"].float() * TABLE_UNITS.get(name, 1.0)).tolist()
+
+
+def hand_span(model, name, i, j, lams, *, text=True):
+    """Independent reference: hooks on blocks i and j that blend with the given per-sample λ in float32."""
+    bs = blocks(model, name)
+    kept = {}
+
+    def enter(module, args, kwargs):
+        kept["h"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        kept["e"] = enc
+
+    def leave(module, args, kwargs, out):
+        lam = torch.tensor(lams, dtype=torch.float32)
+
+        def mix(m, h):
+            w = lam.view(-1, *([1] * (m.dim() - 1)))
+            return ((1 - w) * m.float() + w * h.float()).to(m.dtype)
+
+        if name not in RETURNS:
+            return mix(out, kept["h"])
+        hi, ti = RETURNS[name]
+        out = list(out)
+        out[hi] = mix(out[hi], kept["h"])
+        if text and out[ti] is not None:
+            out[ti] = mix(out[ti], kept["e"])
+        return tuple(out)
+
+    return [
+        bs[i].register_forward_pre_hook(enter, with_kwargs=True),
+        bs[j].register_forward_hook(leave, with_kwargs=True),
+    ]
+
+
+class PassThrough(nn.Module):
+    """A deleted block: returns its streams unchanged, in its own block kind's output order."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.order = RETURNS.get(name)
+
+    def forward(self, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        if self.order is None:
+            return hidden_states
+        out = [None, None]
+        out[self.order[0]], out[self.order[1]] = hidden_states, encoder_hidden_states
+        return tuple(out)
+
+
+def without_span(model, name, i, j, kwargs):
+    """The model's output with blocks i..j deleted by hand (λ = 1 must equal it)."""
+    clone = copy.deepcopy(model)
+    k = 0
+    for lst in LISTS[name]:
+        modules = getattr(clone, lst)
+        for idx in range(len(modules)):
+            if i <= k <= j:
+                modules[idx] = PassThrough(name)
+            k += 1
+    return tt.run(clone, kwargs)
+
+
+def timesteps_for(name):
+    return [0.9, 0.3] if name == "flux" else [900.0, 300.0]
+
+
+@pytest.fixture(scope="module", params=tt.NAMES)
+def family(request):
+    return request.param, tt.build(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _unpatched(request):
+    # diffusers wraps every model's forward in one decorator: compiled code of all seven families
+    # would share that code object's cache (8 entries) within this one test process
+    torch._dynamo.reset()
+    yield
+    if "family" in request.fixturenames:
+        unpatch(request.getfixturevalue("family")[1])
+
+
+def test_lambda_zero_is_the_model_bit_for_bit(family):
+    name, model = family
+    kwargs = tt.inputs(name, timesteps_for(name))
+    expected = tt.run(model, kwargs)
+    patch(model, BypassSchedule.constant(0.0))
+    assert torch.equal(tt.run(model, kwargs), expected)
+
+
+def test_lambda_one_is_the_model_with_its_span_deleted(family):
+    name, model = family
+    n = len(blocks(model, name))
+    i, j = (n - 3, n - 2) if name in ("flux", "hunyuanvideo") else (0, 1)  # Flux/Hunyuan: dual into single
+    kwargs = tt.inputs(name, timesteps_for(name))
+    expected = without_span(model, name, i, j, kwargs)
+    patch(model, BypassSchedule.constant(1.0), span=(i, j))
+    torch.testing.assert_close(tt.run(model, kwargs), expected, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("streams", ["all", "image"])
+def test_per_sample_lambda_matches_a_hand_written_span_hook(family, streams):
+    name, model = family
+    schedule = BypassSchedule.linear(0.8, t_min=200)
+    kwargs = tt.inputs(name, timesteps_for(name))
+    i, j = default_span(len(blocks(model, name)))
+    lams = [schedule.weight(t) for t in table_timestep(name, kwargs)]
+    assert lams[0] != lams[1]
+    handles = hand_span(model, name, i, j, lams, text=streams == "all")
+    expected = tt.run(model, kwargs)
+    for h in handles:
+        h.remove()
+    patch(model, schedule, streams=streams)
+    torch.testing.assert_close(tt.run(model, kwargs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unpatch_restores_every_module_exactly(family):
+    name, model = family
+
+    def snapshot():
+        return [
+            (n, type(m), tuple(m.__dict__), len(m._forward_hooks), len(m._forward_pre_hooks))
+            for n, m in model.named_modules()
+        ]
+
+    before = snapshot()
+    patch(model, span=0)
+    changed = [row[0] for row, old in zip(snapshot(), before, strict=True) if row != old]
+    assert set(changed) <= {"", tt_embedder(name), blocks_name(model, name, 0)}  # the model: its _bypass
+    unpatch(model)
+    assert snapshot() == before
+
+
+def tt_embedder(name):
+    return bypass_kernels.targets.TRANSFORMERS[tt.CONFIGS[name][0]].embedder
+
+
+def blocks_name(model, name, index):
+    return bypass_kernels.targets.blocks_of(model, bypass_kernels.targets.TRANSFORMERS[tt.CONFIGS[name][0]])[index][0]
+
+
+def test_compiled_fullgraph_one_graph_no_recompile_on_set_schedule(family):
+    from torch._dynamo.testing import CompileCounter
+
+    name, model = family
+    kwargs = tt.inputs(name, timesteps_for(name))
+    patch(model, BypassSchedule.linear(0.7))
+    eager = tt.run(model, kwargs)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    torch.testing.assert_close(tt.run(compiled, kwargs), eager, atol=1e-5, rtol=1e-5)
+    set_schedule(model, BypassSchedule.cosine(0.4, t_min=100))
+    again = tt.run(compiled, kwargs)
+    patch(copy.deepcopy(model), BypassSchedule.constant(0.0))  # a patch elsewhere does not touch this frame
+    assert counter.frame_count == 1
+    torch.testing.assert_close(again, tt.run(model, kwargs), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_first_then_patch_takes_effect(family):
+    name, model = family
+    kwargs = tt.inputs(name, timesteps_for(name))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    plain = tt.run(compiled, kwargs)
+    patch(compiled, BypassSchedule.constant(1.0), span=0)
+    expected = without_span(model, name, 0, 0, kwargs)
+    torch.testing.assert_close(tt.run(compiled, kwargs), expected, atol=2e-6, rtol=2e-6)
+    unpatch(compiled)
+    assert torch.equal(tt.run(compiled, kwargs), plain)
+
+
+def test_one_blend_kernel_per_stream(family):
+    name, model = family
+    kwargs = tt.inputs(name, timesteps_for(name))
+    patch(model, BypassSchedule.constant(0.5), backend="cpu")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        tt.run(model, kwargs)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "bypass_kernels::blend_")
+    assert calls == (2 if name in RETURNS else 1)
+
+
+def test_deepcopy_and_pickle_of_a_patched_transformer(family):
+    name, model = family
+    kwargs = tt.inputs(name, timesteps_for(name))
+    patch(model, BypassSchedule.linear(0.6), span=(0, 1))
+    expected = tt.run(model, kwargs)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        torch.testing.assert_close(tt.run(clone, kwargs), expected)
+        assert bypass_kernels.is_patched(clone)
+        set_schedule(clone, BypassSchedule.constant(0.0))
+        torch.testing.assert_close(tt.run(model, kwargs), expected)  # the original keeps its own table
+
+
+# --------------------------------------------------------------------- spans: names, presets, errors
+def test_span_by_block_names_and_one_index():
+    model = tt.build("flux")
+    kwargs = tt.inputs("flux", timesteps_for("flux"))
+    patch(model, BypassSchedule.constant(1.0), span=("transformer_blocks.1", "single_transformer_blocks.0"))
+    by_name = tt.run(model, kwargs)
+    patch(model, BypassSchedule.constant(1.0), span=(1, 2))
+    torch.testing.assert_close(tt.run(model, kwargs), by_name)
+    patch(model, BypassSchedule.constant(1.0), span="single_transformer_blocks.1")
+    torch.testing.assert_close(tt.run(model, kwargs), without_span(model, "flux", 3, 3, kwargs), atol=2e-6, rtol=2e-6)
+    unpatch(model)
+
+
+def test_the_sd35_skip_layer_preset_is_blocks_7_to_9():
+    model = tt.build("sd3", num_layers=10)
+    kwargs = tt.inputs("sd3", [900.0, 300.0])
+    patch(model, BypassSchedule.constant(1.0), span="sd3.5-slg")
+    torch.testing.assert_close(tt.run(model, kwargs), without_span(model, "sd3", 7, 9, kwargs), atol=2e-6, rtol=2e-6)
+    unpatch(model)
+    with pytest.raises(ValueError, match=r"sd3\.5-slg.*7\.\.9.*4 blocks"):
+        patch(tt.build("sd3"), span="sd3.5-slg")
+
+
+@pytest.mark.parametrize(
+    ("span", "exc", "match"),
+    [
+        ((0, 9), ValueError, "out of range 0..3"),
+        ((2, 1), ValueError, "comes after"),
+        ("transformer_blocks.9", ValueError, "no block 'transformer_blocks.9'"),
+        ("stg", ValueError, "no block 'stg'"),
+        (1.5, TypeError, "indices or names"),
+        ((0, 1, 2), ValueError, r"\(first, last\)"),
+    ],
+)
+def test_bad_spans_are_refused_before_anything_changes(span, exc, match):
+    model = tt.build("sd3")
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    with pytest.raises(exc, match=match):
+        patch(model, span=span)
+    assert not bypass_kernels.is_patched(model)
+    assert hooks == sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_a_unet_takes_no_span():
+    from bypass_kernels.presets import build_unet
+
+    with pytest.raises(ValueError, match="span is for transformer"):
+        patch(build_unet("tiny-unet2d"), span=(0, 1))
+
+
+def test_other_arguments_are_checked():
+    model = tt.build("pixart")
+    with pytest.raises(ValueError, match="streams must be"):
+        patch(model, streams="text")
+    with pytest.raises(ValueError, match="timestep_scale"):
+        patch(model, timestep_scale=0)
+    with pytest.raises(ValueError, match="no such submodule"):
+        patch(model, timestep_module="nope")
+    assert not bypass_kernels.is_patched(model)
+
+
+def test_timestep_scale_reads_the_table_in_other_units():
+    """A model given σ in [0, 1] with timestep_scale=1000 reads the same λ as one given σ·1000."""
+    model = tt.build("pixart")
+    schedule = BypassSchedule.linear(0.9)
+    kwargs = tt.inputs("pixart", [900.0, 300.0])
+    patch(model, schedule)
+    expected = tt.run(model, kwargs)
+    scaled = dict(kwargs, timestep=kwargs["timestep"] / 1000)
+    patch(model, schedule, timestep_scale=1000.0)
+    plain_scaled = tt.run(unpatch(copy.deepcopy(model)), scaled)
+    got = tt.run(model, scaled)
+    assert not torch.allclose(got, plain_scaled, atol=1e-4)  # the bypass acts at the scaled timestep
+    hand = hand_span(model, "pixart", *default_span(3), [schedule.weight(900.0), schedule.weight(300.0)])
+    unpatch(model)
+    reference = tt.run(model, scaled)
+    for h in hand:
+        h.remove()
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, got)  # the embedder itself sees other values: only λ agrees

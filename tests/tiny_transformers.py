@@ -1,0 +1,188 @@
+"""Tiny diffusers transformers (DiTs) built from configs with random weights, and inputs for them.
+Nothing is downloaded; each forward takes milliseconds on the CPU."""
+
+from __future__ import annotations
+
+import torch
+
+# name: (class name, config)
+CONFIGS = {
+    "sd3": (
+        "SD3Transformer2DModel",
+        dict(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=4,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            caption_projection_dim=16,
+            pooled_projection_dim=16,
+            out_channels=4,
+            pos_embed_max_size=8,
+        ),
+    ),
+    "flux": (
+        "FluxTransformer2DModel",
+        dict(
+            patch_size=1,
+            in_channels=16,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            pooled_projection_dim=16,
+            guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4),
+        ),
+    ),
+    "pixart": (
+        "PixArtTransformer2DModel",
+        dict(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,
+            num_layers=3,
+            cross_attention_dim=16,
+            sample_size=8,
+            patch_size=2,
+            caption_channels=16,
+            use_additional_conditions=False,
+        ),
+    ),
+    "sana": (
+        "SanaTransformer2DModel",
+        dict(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=3,
+            num_cross_attention_heads=2,
+            cross_attention_head_dim=8,
+            cross_attention_dim=16,
+            caption_channels=16,
+            sample_size=8,
+            patch_size=1,
+        ),
+    ),
+    "wan": (
+        "WanTransformer3DModel",
+        dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            text_dim=16,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=3,
+            rope_max_seq_len=32,
+        ),
+    ),
+    "cogvideox": (
+        "CogVideoXTransformer3DModel",
+        dict(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            time_embed_dim=8,
+            text_embed_dim=16,
+            num_layers=3,
+            sample_width=8,
+            sample_height=8,
+            sample_frames=9,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=5,
+        ),
+    ),
+    "hunyuanvideo": (
+        "HunyuanVideoTransformer3DModel",
+        dict(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=2,
+            num_single_layers=2,
+            num_refiner_layers=1,
+            patch_size=1,
+            patch_size_t=1,
+            text_embed_dim=16,
+            pooled_projection_dim=8,
+            rope_axes_dim=(2, 2, 4),
+        ),
+    ),
+}
+
+NAMES = tuple(CONFIGS)
+
+
+def build(name: str, *, seed: int = 0, **overrides) -> torch.nn.Module:
+    import diffusers
+
+    class_name, config = CONFIGS[name]
+    torch.manual_seed(seed)
+    return getattr(diffusers, class_name)(**{**config, **overrides}).eval()
+
+
+def inputs(name: str, timestep, *, batch: int = 2, seed: int = 1) -> dict:
+    """Keyword arguments for one forward; ``timestep`` in the units the pipeline passes (Flux: t/1000)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch).clone()
+    text = rand(batch, 5, 16)
+    if name == "sd3":
+        return dict(
+            hidden_states=rand(batch, 4, 8, 8),
+            encoder_hidden_states=text,
+            pooled_projections=rand(batch, 16),
+            timestep=t,
+        )
+    if name == "flux":
+        return dict(
+            hidden_states=rand(batch, 16, 16),
+            encoder_hidden_states=text,
+            pooled_projections=rand(batch, 16),
+            timestep=t,
+            img_ids=torch.zeros(16, 3),
+            txt_ids=torch.zeros(5, 3),
+            guidance=torch.full((batch,), 3.5),
+        )
+    if name == "pixart":
+        return dict(
+            hidden_states=rand(batch, 4, 8, 8),
+            encoder_hidden_states=text,
+            timestep=t.long() if float(t[0]).is_integer() else t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )
+    if name == "sana":
+        return dict(hidden_states=rand(batch, 4, 8, 8), encoder_hidden_states=text, timestep=t)
+    if name == "wan":
+        return dict(hidden_states=rand(batch, 4, 2, 8, 8), encoder_hidden_states=text, timestep=t)
+    if name == "cogvideox":
+        return dict(hidden_states=rand(batch, 3, 4, 8, 8), encoder_hidden_states=text, timestep=t)
+    if name == "hunyuanvideo":
+        return dict(
+            hidden_states=rand(batch, 4, 1, 8, 8),
+            timestep=t,
+            encoder_hidden_states=text,
+            encoder_attention_mask=torch.ones(batch, 5),
+            pooled_projections=rand(batch, 8),
+            guidance=torch.full((batch,), 6000.0),
+        )
+    raise KeyError(name)
+
+
+def run(model, kwargs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**kwargs, return_dict=False)[0]
