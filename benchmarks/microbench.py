@@ -54,6 +54,12 @@ SIZES = {
     "sd15_mid_b8": (8, 1280, 8, 8),
     "sdxl_mid": (2, 1280, 32, 32),
     "64M": (4, 1024, 128, 128),
+    # transformer streams [batch, tokens, width]: Flux at 1024² (4096 packed image tokens, 512 text
+    # tokens, width 3072, batch 1: its guidance is embedded) and SD3.5 Medium at 1024² (a CFG batch of 2)
+    "flux_image": (1, 4096, 3072),
+    "flux_text": (1, 512, 3072),
+    "sd35_image": (2, 4096, 1536),
+    "sd35_text": (2, 333, 1536),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HOST_SIZES = {"sd15_mid": SIZES["sd15_mid"], "tiny": (2, 4, 1, 1)}

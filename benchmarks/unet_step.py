@@ -1,4 +1,4 @@
-"""UNet-step and denoising-loop benchmark: what the bypass costs inside a real UNet call.
+"""Model-step and denoising-loop benchmark: what the bypass costs inside a real UNet or transformer call.
 
 Variants: unpatched, patched (per backend), a naive hook that reads λ with .item() each call, and
 diffusers' FreeU (a peer training-free method). Modes: eager, compile, compile reduce-overhead,
@@ -18,8 +18,11 @@ and a manually captured CUDA graph. One row per variant and mode:
   starts from the same allocator state; under graph replay it is the graph's private pool, taken at
   capture, that holds the step's memory), and a single timed DDIM loop (no sync per step).
 
-On a GPU: python benchmarks/unet_step.py --models sd15 sdxl
-On a CPU (a smoke run of the same code on a tiny model): python benchmarks/unet_step.py --models tiny-sd
+Transformers (benchmarks/dit_presets.py: real widths, fewer blocks) are patched over blocks 1..2 and
+have the unpatched and patched variants.
+
+On a GPU: python benchmarks/unet_step.py --models sd15 sdxl flux-reduced sd35-reduced
+On a CPU (a smoke run of the same code on tiny models): python benchmarks/unet_step.py --models tiny-sd tiny-flux
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import copy
 import time
 import warnings
 
+import dit_presets
 import torch
 from common import append_rows, csv_path, environment, interleaved_samples_us, kernels_per_call
 from intervals import median_ci, overhead_text, paired_overhead_pct
@@ -62,8 +66,13 @@ def naive_item_hook(unet, schedule):
 def variants(base, model_name, device):
     out = {"unpatched": lambda: base}
     names = ["auto"] + [n for n in ("triton", "cuda", "cpu", "torch") if _available(n, device)]
+    where = {"span": dit_presets.SPAN} if model_name in dit_presets.PRESETS else {}
     for name in names:
-        out[f"patched_{name}"] = lambda name=name: bypass_kernels.patch(copy.deepcopy(base), SCHEDULE, backend=name)
+        out[f"patched_{name}"] = lambda name=name: bypass_kernels.patch(
+            copy.deepcopy(base), SCHEDULE, backend=name, **where
+        )
+    if model_name in dit_presets.PRESETS:
+        return out
     out["naive_item_hook"] = lambda: naive_item_hook(copy.deepcopy(base), SCHEDULE)
     if model_name in FREEU:
 
@@ -105,9 +114,10 @@ def step_fn(model, inputs, mode, device):
     return graph.replay
 
 
-def ddim_loop_seconds(run, timestep, steps, device):
+def ddim_loop_seconds(run, timestep, steps, device, units: float = 1.0):
     """Seconds for a ``steps``-step DDIM loop of ``run``, refilling one timestep buffer in place
-    (the pattern that lets a compiled or captured step serve every timestep)."""
+    (the pattern that lets a compiled or captured step serve every timestep); ``units``: pipeline
+    units per training timestep (Flux: 1/1000)."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(num_train_timesteps=1000)
@@ -116,7 +126,7 @@ def ddim_loop_seconds(run, timestep, steps, device):
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for t in scheduler.timesteps:
-        timestep.fill_(t)  # no recompile, no re-capture
+        timestep.fill_(float(t) * units)  # no recompile, no re-capture
         run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -186,7 +196,9 @@ def _try(fn, status: dict, name: str):
         return None
 
 
-def measure_mode(models, inputs, mode, device, *, rounds=7, reps=10, loop_steps=20, errors=None) -> dict:
+def measure_mode(
+    models, inputs, mode, device, *, rounds=7, reps=10, loop_steps=20, errors=None, units: float = 1.0
+) -> dict:
     """Every variant of ``models`` in ``mode``: ``{"status", "samples" (µs per round), "kernels",
     "syncs", "peak", "loop"}``, each a dict by variant. A variant that cannot run or fails gets its
     reason in ``status`` (``errors``: reasons found before, e.g. when the variant was built) and the
@@ -212,7 +224,7 @@ def measure_mode(models, inputs, mode, device, *, rounds=7, reps=10, loop_steps=
         syncs = {v: _try(lambda v=v: host_syncs(runs[v], device), status, v) for v in ok if mode == "eager"}
         kernels = {v: _try(lambda v=v: kernels_per_call(runs[v], device, calls=3), status, v) for v in ok}
         loop = {
-            v: _try(lambda v=v: ddim_loop_seconds(runs[v], inputs["timestep"], loop_steps, device), status, v)
+            v: _try(lambda v=v: ddim_loop_seconds(runs[v], inputs["timestep"], loop_steps, device, units), status, v)
             for v in ok
         }
     return {"status": status, "samples": samples, "kernels": kernels, "syncs": syncs, "peak": peak, "loop": loop}
@@ -294,6 +306,8 @@ def describe(row: dict) -> str:
 def build(model_name, device, dtype):
     """The preset with its seeded random weights, initialised on the GPU there (seconds instead of
     tens of seconds at SDXL size); on the CPU, or if that fails, built on the CPU and moved."""
+    if model_name in dit_presets.PRESETS:
+        return dit_presets.build(model_name, device, dtype)
     if device.type == "cuda":
         try:
             with torch.device(device):
@@ -341,24 +355,33 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
     modes = args.modes or (
         ["eager", "compile", "reduce-overhead", "cuda_graph"] if device.type == "cuda" else ["eager", "compile"]
     )
     env = environment(device)
     path = args.out or csv_path(device, "unet_step")
     for model_name in args.models:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" and model_name in dit_presets.PRESETS:
+            dtype = torch.bfloat16  # as Flux and SD3.5 are run
         base = build(model_name, device, dtype)
         wanted = args.variants
         if all(mode in ("compile", "reduce-overhead") for mode in modes):  # build only what will run
             wanted = [v for v in args.compile_variants if not args.variants or v in args.variants]
         models, build_errors = make_variants(base, model_name, device, wanted)
-        inputs = example_inputs(base, batch=2)
-        inputs["timestep"] = torch.full((), 999.0, device=device)  # shared by every variant's step
+        units = 1.0
+        if model_name in dit_presets.PRESETS:
+            inputs = dit_presets.inputs(model_name, base, device, dtype)
+            units = dit_presets.timestep_units(model_name)
+            latent = "x".join(str(d) for d in inputs["hidden_states"].shape[1:])
+        else:
+            inputs = example_inputs(base, batch=2)
+            inputs["timestep"] = torch.full((), 999.0, device=device)  # shared by every variant's step
+            latent = f"{inputs['sample'].shape[-2]}x{inputs['sample'].shape[-1]}"
         common = {
-            "batch": 2,
+            "batch": next(iter(inputs.values())).shape[0],
             "dtype": str(dtype)[6:],
-            "latent": f"{inputs['sample'].shape[-2]}x{inputs['sample'].shape[-1]}",
+            "latent": latent,
             "loop_steps": args.loop_steps,
             **env,
         }
@@ -377,6 +400,7 @@ def main() -> None:
                 reps=args.reps,
                 loop_steps=args.loop_steps,
                 errors=build_errors,
+                units=units,
             )
             rows = rows_for(result, model=model_name, mode=mode, common=common)
             for row in rows:

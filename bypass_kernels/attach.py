@@ -163,8 +163,8 @@ class EnterSpan:
         versions = None
         if self.clone:  # the span writes into tensors in place (inplace=True modules)
             streams = tuple(s.clone() if isinstance(s, Tensor) else s for s in streams)
-        elif not is_compiling():  # Dynamo cannot branch on version counters
-            versions = tuple(s._version if isinstance(s, Tensor) else None for s in streams)
+        elif not is_compiling():  # Dynamo cannot branch on version counters; inference tensors have none
+            versions = tuple(s._version if isinstance(s, Tensor) and not s.is_inference() else None for s in streams)
         _CALLS.call = (self.token, timestep, frame, streams, versions)
 
 

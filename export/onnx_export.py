@@ -134,7 +134,9 @@ _DIM_NAMES = {
 }
 
 
-def _finish_graph(path: str, schedule: BypassSchedule, *, schedule_as_input: bool, meta: dict[str, str]) -> None:
+def _finish_graph(
+    path: str, schedule: BypassSchedule, *, schedule_as_input: bool, meta: dict[str, str], dim_names=None
+) -> None:
     """Readable dimension names, the schedule under its own name, metadata for deployment, and the
     weights moved to a file with a fresh name (``<graph>.<id>.data``) so that publishing the graph is
     one atomic rename."""
@@ -144,7 +146,8 @@ def _finish_graph(path: str, schedule: BypassSchedule, *, schedule_as_input: boo
 
     model = onnx.load(path, load_external_data=False)
     for value in list(model.graph.input) + list(model.graph.output):
-        for dim, label in zip(value.type.tensor_type.shape.dim, _DIM_NAMES.get(value.name, []), strict=False):
+        labels = (_DIM_NAMES if dim_names is None else dim_names).get(value.name, [])
+        for dim, label in zip(value.type.tensor_type.shape.dim, labels, strict=False):
             if label is not None and not dim.HasField("dim_value"):
                 dim.dim_param = label
     names = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}

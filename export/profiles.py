@@ -1,10 +1,11 @@
 """Shape ranges (TensorRT optimization profiles) derived from an exported graph's named dimensions.
 
 The graph names its dynamic dimensions (``batch``, ``latent_height``/``latent_width``, ``sequence``,
-``timestep_count``), so one range per name applies to every input that carries it: the batch range is
-the same for ``sample``, ``encoder_hidden_states``, ``text_embeds`` and ``time_ids``, which TensorRT
-requires. Defaults come from what the graph was exported with (its metadata): the text length
-(``text_len``: 77 for SD/SDXL, 8 for the tiny presets) and the latent size.
+``timestep_count``, and Flux's ``image_tokens``), so one range per name applies to every input that
+carries it: the batch range is the same for ``sample``, ``encoder_hidden_states``, ``text_embeds``
+and ``time_ids``, which TensorRT requires. Defaults come from what the graph was exported with (its
+metadata): the text length (``text_len``: 77 for SD/SDXL, 8 for the tiny presets), the latent size,
+the packed image length.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ DEFAULT_BATCH = (1, 2, 8)
 MAX_BATCH = 1024
 MAX_SEQUENCE = 1024
 MAX_LATENT = 4096
+MAX_IMAGE_TOKENS = 65536
 
 
 def as_triple(name: str, value, *, unit: str = "") -> Triple:
@@ -70,13 +72,16 @@ def default_profile(
     batch=None,
     resolution=None,
     text_len=None,
+    image_tokens=None,
     vae_scale_factor: int = 8,
 ) -> Profile:
     """(min, opt, max) shapes for every dynamic input of an exported UNet graph, by input name.
 
     ``batch`` (default (1, 2, 8)), ``resolution`` (image pixels, height and width alike; default:
     half to twice the size exported with) and ``text_len`` (default: the length exported with) are
-    ints or (min, opt, max) triples. ``timestep`` takes [1] or [batch], so its range is
+    ints or (min, opt, max) triples; for a Flux graph the packed latent length ``image_tokens``
+    follows from ``resolution`` (``(pixels / (2·vae_scale_factor))²``) or is given (default: a
+    quarter to four times the length exported with). ``timestep`` takes [1] or [batch], so its range is
     (1, 1, max batch). Every opt lies within its min and max; an error names the range and the
     inputs it applies to. Inputs with no dynamic dimension (``bypass_schedule``) have no entry.
     """
@@ -93,7 +98,7 @@ def default_profile(
     ranges: dict[str, Triple] = {}
     if "batch" in carriers or batch is not None:
         if "batch" not in carriers:
-            fixed = dims["sample"][0]
+            fixed = dims.get("sample", dims.get("hidden_states"))[0]
             if as_triple("batch", batch) != (fixed, fixed, fixed):
                 raise ValueError(f"batch: this graph's batch is fixed at {fixed} (exported with dynamic_batch=False)")
         else:
@@ -122,8 +127,21 @@ def default_profile(
             opt // vae_scale_factor,
             hi // vae_scale_factor,
         )
-    elif resolution is not None:
+    elif resolution is not None and "image_tokens" not in carriers:
         raise ValueError("resolution: this graph's height and width are fixed (exported with dynamic_shape=False)")
+    if "image_tokens" in carriers:
+        if image_tokens is None and resolution is not None:
+            lo, opt, hi = as_triple("resolution (pixels)", resolution)
+            image_tokens = tuple(max(1, (r // (2 * vae_scale_factor)) ** 2) for r in (lo, opt, hi))
+        if image_tokens is None:
+            n = int(meta.get("bypass_kernels.image_tokens", "4096"))
+            image_tokens = (max(1, n // 4), n, min(MAX_IMAGE_TOKENS, n * 4))
+        tokens = as_triple(f"image_tokens (for {users('image_tokens')})", image_tokens)
+        if tokens[2] > MAX_IMAGE_TOKENS:
+            raise ValueError(f"image_tokens: max {tokens[2]} is above the graph's limit {MAX_IMAGE_TOKENS}")
+        ranges["image_tokens"] = tokens
+    elif image_tokens is not None:
+        raise ValueError("image_tokens: this graph has no packed image tokens (only Flux graphs do)")
     if "sequence" in carriers:
         if text_len is None:
             if "bypass_kernels.text_len" not in meta:

@@ -230,6 +230,16 @@ def test_a_mid_block_with_inplace_modules_is_blended_with_its_real_input(mid, co
     torch.testing.assert_close(call(model), expected)
 
 
+def test_inference_mode_runs_patched(unet):
+    """Inference tensors carry no version counter: the in-place check steps aside, the blend runs."""
+    inputs = example_inputs(unet, batch=2, timestep=torch.tensor([900, 300]))
+    expected = reference(unet, inputs, SCHEDULE.weight)
+    patch(unet, SCHEDULE)
+    with torch.inference_mode():
+        got = unet(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_mid_block_that_writes_its_input_by_hand_is_refused_in_eager_mode():
     toy = Toy(mid=FunctionalInPlace())
     patch(toy, SCHEDULE)

@@ -1,0 +1,66 @@
+"""The ComfyUI node "Mid-Block Bypass": MODEL in, MODEL out (a clone; the input model is never changed)."""
+
+from __future__ import annotations
+
+from bypass_kernels.comfyui.bypass import Plan, bypass_model
+from bypass_kernels.schedule import BypassSchedule
+
+WINDOWS = ("fraction of sampling", "timesteps")
+
+
+class MidBlockBypass:
+    """Bypass a UNet's middle block (or a span of Flux/SD3 blocks) early in sampling, by λ(t).
+
+    ``window="fraction of sampling"``: start/end are fractions of the sampler's steps (0 = the first,
+    noisiest step), λ fades from ``strength`` at start (``linear``/``cosine``) or stays at it
+    (``constant``). ``window="timesteps"``: start/end are training timesteps t_min..t_max (0..999), λ
+    rising to ``strength`` at t_max. A non-empty ``schedule`` (a spec as ``bypass-kernels schedule``
+    takes it, e.g. ``linear:0.3:500``) overrides both. ``span`` (Flux, SD3): ``I-J`` over the blocks in
+    execution order, a preset (``sd3.5-slg``), or empty for the default middle span.
+    """
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "strength": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "shape": (["linear", "cosine", "constant"],),
+                "window": (list(WINDOWS),),
+                "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.01}),
+                "end": ("FLOAT", {"default": 0.4, "min": 0.0, "max": 1000.0, "step": 0.01}),
+            },
+            "optional": {
+                "schedule": ("STRING", {"default": "", "multiline": False}),
+                "span": ("STRING", {"default": "", "multiline": False}),
+                "streams": (["all", "image"],),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = "model_patches"
+    DESCRIPTION = "Partially bypass the UNet's middle block (or a span of transformer blocks) early in sampling."
+
+    def apply(self, model, strength, shape, window, start, end, schedule="", span="", streams="all"):
+        return (bypass_model(model, plan(strength, shape, window, start, end, schedule), span=span, streams=streams),)
+
+
+def plan(strength: float, shape: str, window: str, start: float, end: float, schedule: str = "") -> Plan:
+    """The node's inputs as a :class:`Plan`; ValueError names a bad input."""
+    if schedule and schedule.strip():
+        return Plan(BypassSchedule.parse(schedule.strip()), None)
+    if window not in WINDOWS:
+        raise ValueError(f"window: expected one of {', '.join(WINDOWS)}, got {window!r}")
+    if shape not in ("linear", "cosine", "constant"):
+        raise ValueError(f"shape: expected linear, cosine or constant, got {shape!r}")
+    if window == "timesteps":
+        return Plan(getattr(BypassSchedule, shape)(strength, int(start), int(end)), None)
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"start and end: fractions of sampling with 0 <= start < end <= 1, got {start}, {end}")
+    BypassSchedule.constant(strength)  # the same check of strength as every schedule
+    return Plan(None, (shape, float(strength), float(start), float(end)))
+
+
+NODE_CLASS_MAPPINGS = {"MidBlockBypass": MidBlockBypass}
+NODE_DISPLAY_NAME_MAPPINGS = {"MidBlockBypass": "Mid-Block Bypass"}
