@@ -32,7 +32,12 @@ def _triton():
 
 
 class BackendUnavailableError(RuntimeError):
-    """A backend that exists but cannot run here; the message says why and what to do."""
+    """A backend that exists but cannot run here; the message says why and what to do. ``backend`` and
+    ``reason`` hold the two parts (the command line words its own hint from them)."""
+
+    def __init__(self, message: str, *, backend: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.backend, self.reason = backend, reason
 
 
 def _triton_interpret() -> bool:
@@ -90,7 +95,9 @@ def require(name: str, device_type: str | None = None) -> None:
     if name != "auto":
         reason = _why_unavailable(name, device_type)
         if reason is not None:
-            raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}. See bypass_kernels.info().")
+            raise BackendUnavailableError(
+                f"backend {name!r} is unavailable: {reason}. See bypass_kernels.info().", backend=name, reason=reason
+            )
 
 
 _auto_cache: dict[str, str] = {}

@@ -1,9 +1,4 @@
-"""The ``bypass-kernels`` command.
-
-bypass-kernels run       patch a UNet and run a short DDIM loop, printing timestep, λ and time per step
-bypass-kernels info      which backends run here, and why a missing one is missing
-bypass-kernels schedule  print a schedule's table (and plot it with --plot FILE.png)
-"""
+"""The ``bypass-kernels`` command (its help text is :data:`DESCRIPTION`)."""
 
 from __future__ import annotations
 
@@ -17,13 +12,50 @@ import torch
 import bypass_kernels
 from bypass_kernels.schedule import BypassSchedule
 
+DESCRIPTION = """\
+Training-free mid-block bypass for diffusion UNets: m' = (1 - λ(t))·m + λ(t)·h.
+
+commands:
+  run       patch a UNet and run a short DDIM loop, printing timestep, λ and time per step
+  generate  images with and without the bypass from a shipped model, offline, with per-group counts
+  info      which blend backends run here, and why a missing one is missing
+  schedule  print a schedule's λ table (and plot it with --plot FILE.png)
+  export    export a patched UNet to ONNX (and a TensorRT engine) with the schedule baked in
+
+Run 'bypass-kernels COMMAND --help' for the options of one command.
+"""
+
 SCHEDULE_HELP = (
     "'default', 'off', 'constant|linear|cosine:STRENGTH[:T_MIN[:T_MAX]]' (e.g. linear:0.3:500), "
     "'for_scheduler:SCHEDULER:STEPS:STRENGTH[:START[:END[:SHAPE]]]' (λ by fraction of sampling, e.g. "
     "for_scheduler:DDIMScheduler:20:0.3:0:0.4), a JSON object from BypassSchedule.to_dict(), or a JSON file"
 )
+SCHEDULE_DEFAULT = " (default: 'default', linear:0.3:T/2 with T = num_train_timesteps)"
+
+DEVICE_HELP = "auto (cuda if a GPU is visible, else cpu), cpu, cuda, cuda:1, ..."
 
 MODEL_HELP = "a preset (tiny-sd, tiny-sdxl, tiny-unet2d, sd15, sdxl) or a local diffusers UNet/pipeline folder"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default ("off" for a flag); an option whose default is None says
+    in its own help what that means."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "(default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text  # a required positional has no default
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        if action.default is None:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _TopHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The top-level description (the command list) as written."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,6 +145,7 @@ def cmd_run(args) -> int:
     latents = ddim_sample(unet, noise, args.steps, extra=inputs, on_step=show)
     if baseline is not None:
         diff = (latents.float() - baseline.float()).abs()
+        print("how far the bypass moved the result (same noise and inputs, patched against unpatched; 0 = no change):")
         print(f"final latents vs the unpatched model: mean |diff| {diff.mean():.4g}, max {diff.max():.4g}")
     return 0
 
@@ -203,25 +236,80 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
-    print(f"bypass_kernels {bypass_kernels.__version__}  ({versions})")
-    for name, row in report["backends"].items():
-        state = "available" if row["available"] else f"unavailable: {row['reason']}"
-        print(f"  {name:<7} {state}")
-    print(f"  auto    picks {report['auto']} in eager mode; {report['traced']} while tracing")
+    print(info_text(report))
     return 0
+
+
+def info_text(report: dict) -> str:
+    """``bypass_kernels.info()`` as a report for people."""
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v is not None)
+    native = report["native_extension"]
+    lines = [
+        f"bypass_kernels {bypass_kernels.__version__}",
+        f"  versions:         {versions}" + ("" if report["versions"].get("cuda") else " (a CPU-only torch)"),
+        f"  native extension: {'loaded' if native['loaded'] else 'not loaded: ' + _one_line(native['reason'])}",
+        f"  CUDA device:      {report['cuda_device'] or 'none visible'}",
+    ]
+    if report["triton_interpret"]:
+        lines.append("  TRITON_INTERPRET=1: Triton kernels run on the CPU through its interpreter (for tests)")
+    lines += ["", "backends:"]
+    for name, row in report["backends"].items():
+        state = "available" if row["available"] else f"unavailable: {_one_line(row['reason'])}"
+        lines.append(f"  {name:<7} {state}")
+    lines += ["", "auto picks:"]
+    for device_type, name in report["auto"].items():
+        lines.append(f"  {name:<7} for {device_type.upper()} tensors in eager mode")
+    lines.append(f"  {report['traced']} while tracing (torch.compile, torch.export, ONNX export)")
+    return "\n".join(lines)
+
+
+def schedule_text(schedule: BypassSchedule, rows: int = 11) -> str:
+    """What a user wants to see of a schedule: where λ is non-zero, its largest value, and a table of λ from
+    the noisiest timestep down, with a bar for its shape. The rows are the timesteps a sampler-keyed
+    schedule stores (from_steps, for_scheduler), else ``rows`` points spanning the non-zero range with one
+    zero entry on each side."""
+    table = schedule.table()
+    T = schedule.num_train_timesteps
+    nonzero = torch.nonzero(table).reshape(-1).tolist()
+    lines = [repr(schedule)]
+    if not nonzero:
+        lines.append(f"λ = 0 at every timestep 0..{T - 1}: the unchanged model")
+        return "\n".join(lines)
+    lo, hi = nonzero[0], nonzero[-1]
+    peak = int(torch.argmax(table))
+    top = float(table[peak])
+    lines.append(f"λ > 0 at {len(nonzero)} of {T} timesteps, between {lo} and {hi}; max {top:.4g} at t = {peak}")
+    params = schedule.to_dict()
+    if "timesteps" in params:  # the timesteps the sampler visits, in its order
+        points = [float(t) for t in params["timesteps"]]
+        label = f"λ at the {len(points)} timesteps the sampler visits"
+        if len(points) > 4 * rows:
+            stride = -(-len(points) // (4 * rows))
+            points = points[::stride]
+            label += f" (every {stride}th shown)"
+    else:
+        first, last = min(hi + 1, T - 1), max(lo - 1, 0)
+        count = min(first - last + 1, rows)
+        points = sorted({round(first - i * (first - last) / max(count - 1, 1)) for i in range(count)}, reverse=True)
+        label = "λ from the noisiest timestep down (0 outside the rows shown)"
+    lines += ["", label + ":", f"{'timestep':>9}  {'λ':>7}"]
+    for t in points:
+        w = schedule.weight(t)
+        lines.append(f"{t:>9g}  {w:>7.4f}  {'#' * max(0, round(30 * w / top))}".rstrip())
+    return "\n".join(lines)
 
 
 def cmd_schedule(args) -> int:
     schedule = BypassSchedule.parse(args.schedule, num_train_timesteps=args.num_train_timesteps)
-    print(repr(schedule))
     if args.json:
         print(json.dumps(schedule.to_dict()))
+    else:
+        print(schedule_text(schedule))
     if args.plot:
         from bypass_kernels.plotting import plot_schedules
 
         plot_schedules({args.schedule: schedule}, args.plot)
-        print(f"wrote {args.plot}")
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)  # --json: stdout is JSON only
     return 0
 
 
@@ -232,46 +320,67 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bypass-kernels", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="bypass-kernels", description=DESCRIPTION, formatter_class=_TopHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands above")
 
-    run = sub.add_parser("run", help="patch a UNet and run a short DDIM loop (the main job)")
+    def command(name: str, summary: str, description: str | None = None) -> argparse.ArgumentParser:
+        # no help= here: the description above lists the commands once
+        return sub.add_parser(name, description=description or summary, formatter_class=HelpFormatter)
+
+    run = command("run", "patch a UNet and run a short DDIM loop (the main job)")
     run.add_argument("--model", default="tiny-sd", help=MODEL_HELP)
-    run.add_argument("--schedule", default="default", help=SCHEDULE_HELP)
-    run.add_argument("--steps", type=_positive_int, default=20)
-    run.add_argument("--batch", type=_positive_int, default=2)
-    run.add_argument("--seed", type=_seed, default=0)
-    run.add_argument("--backend", default="auto", choices=bypass_kernels.backends.NAMES)
-    run.add_argument("--device", type=_device_name, default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    run.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    run.add_argument("--schedule", default="default", help=SCHEDULE_HELP + SCHEDULE_DEFAULT)
+    run.add_argument("--steps", type=_positive_int, default=20, help="DDIM sampling steps")
+    run.add_argument("--batch", type=_positive_int, default=2, help="samples per call (random latents and prompts)")
+    run.add_argument("--seed", type=_seed, default=0, help="seed of the random latents and conditioning")
+    run.add_argument(
+        "--backend",
+        default="auto",
+        choices=bypass_kernels.backends.NAMES,
+        help="blend kernel (see bypass-kernels info)",
+    )
+    run.add_argument("--device", type=_device_name, default="auto", help=DEVICE_HELP)
+    run.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="model and latent precision")
     run.add_argument("--no-baseline", action="store_true", help="skip the unpatched comparison run")
     run.set_defaults(func=cmd_run)
 
-    gen = sub.add_parser("generate", help="images with and without bypass from the shipped model, offline")
-    gen.add_argument("--out", default="generated", help="output folder (grid.png)")
-    gen.add_argument(
-        "--model", default=None, help="a shipped model (shapes, the default; digits) or a local UNet2DModel folder"
+    gen = command(
+        "generate",
+        "images with and without bypass from the shipped model, offline",
+        "Sample the same seeds without and with the bypass, write both rows into OUT/grid.png and, for a shipped "
+        "model, print how many samples fall in each group.",
     )
-    gen.add_argument("--schedule", default="default", help=SCHEDULE_HELP)
+    gen.add_argument("--out", default="generated", help="output folder (grid.png is written there)")
+    gen.add_argument(
+        "--model",
+        default=None,
+        help="a shipped model (shapes, the default; digits) or a local UNet2DModel folder",
+    )
+    gen.add_argument("--schedule", default="default", help=SCHEDULE_HELP + SCHEDULE_DEFAULT)
     gen.add_argument("--n", type=_positive_int, default=256, help="samples per setting")
-    gen.add_argument("--steps", type=_positive_int, default=25)
-    gen.add_argument("--seed", type=_seed, default=0)
-    gen.add_argument("--device", type=_device_name, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    gen.add_argument("--steps", type=_positive_int, default=25, help="DDIM sampling steps")
+    gen.add_argument("--seed", type=_seed, default=0, help="seed of the initial noise")
+    gen.add_argument("--device", type=_device_name, default="auto", help=DEVICE_HELP)
     gen.set_defaults(func=cmd_generate)
 
-    info = sub.add_parser("info", help="backends available here")
-    info.add_argument("--json", action="store_true")
+    info = command("info", "backends available here", "Which blend backends run here, why a missing one is missing.")
+    info.add_argument("--json", action="store_true", help="print the report as JSON (for scripts)")
     info.set_defaults(func=cmd_info)
 
-    sched = sub.add_parser("schedule", help="show a schedule")
-    sched.add_argument("schedule", nargs="?", default="default", help=SCHEDULE_HELP)
-    sched.add_argument("--num-train-timesteps", type=int, default=1000)
-    sched.add_argument("--json", action="store_true", help="print to_dict() as JSON")
-    sched.add_argument("--plot", metavar="PNG", help="write a plot of λ(t)")
+    sched = command("schedule", "show a schedule", "Print a schedule's λ at a sample of timesteps, or as JSON.")
+    sched.add_argument("schedule", nargs="?", default="default", help=SCHEDULE_HELP + SCHEDULE_DEFAULT)
+    sched.add_argument(
+        "--num-train-timesteps",
+        type=int,
+        default=1000,
+        help="length T of the λ table (the model's scheduler config, num_train_timesteps)",
+    )
+    sched.add_argument("--json", action="store_true", help="print only to_dict() as JSON")
+    sched.add_argument("--plot", metavar="PNG", help="also write a plot of λ(t) to this file (default: no plot)")
     sched.set_defaults(func=cmd_schedule)
     from bypass_kernels.export.cli import add_export_parser
 
-    add_export_parser(sub, SCHEDULE_HELP, cmd_export)
+    add_export_parser(command, SCHEDULE_HELP, cmd_export)
     return parser
 
 
@@ -279,6 +388,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except bypass_kernels.BackendUnavailableError as exc:  # the hint names the command, not info()
+        message = str(exc)
+        if exc.reason is not None:
+            message = f"backend {exc.backend!r} is unavailable: {exc.reason}; see `bypass-kernels info`"
+        print(f"bypass-kernels {args.command}: error: {_one_line(message)}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"bypass-kernels {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

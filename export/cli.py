@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 
-from bypass_kernels.export.onnx_export import CHECK_TIMESTEPS
+from bypass_kernels.export.onnx_export import CHECK_TIMESTEPS, DEFAULT_OPSET, MIN_OPSET
 
 ONNX_NAME = "unet.onnx"
 ENGINE_NAME = "unet.plan"
@@ -31,20 +31,35 @@ class Progress:
         print(f"      done in {seconds:.1f} s{'; ' + detail if detail else ''}", flush=True)
 
 
-def add_export_parser(sub, schedule_help: str, func) -> None:
-    p = sub.add_parser("export", help="export a patched UNet to ONNX (and a TensorRT engine)")
+def add_export_parser(command, schedule_help: str, func) -> None:
+    """Add the ``export`` subcommand; ``command(name, summary, description)`` makes a subparser."""
+    p = command(
+        "export",
+        "export a patched UNet to ONNX (and a TensorRT engine)",
+        f"Export a UNet with the bypass schedule baked in: OUT/{ONNX_NAME} (checked with ONNX Runtime), "
+        f"config.json, bypass_schedule.json and, with --engine, OUT/{ENGINE_NAME}.",
+    )
     p.add_argument("--model", required=True, help="a preset (tiny-sd, tiny-sdxl, tiny-unet2d, sd15, sdxl) or folder")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--schedule", default=None, help=schedule_help + " (default: default_schedule())")
     p.add_argument("--fp16", action="store_true", help="half-precision graph (timestep stays float32)")
     p.add_argument("--engine", action="store_true", help="also build a TensorRT engine (needs tensorrt and a GPU)")
-    p.add_argument("--batch", default=None, help="engine batch range: N or MIN:OPT:MAX (default 1:2:8)")
+    p.add_argument("--batch", default=None, help="engine batch range: N or MIN:OPT:MAX (default: 1:2:8)")
     p.add_argument(
-        "--resolution", default=None, help="engine image size range in pixels: N or MIN:OPT:MAX (default: ½× to 2×)"
+        "--resolution",
+        default=None,
+        help="engine image size range in pixels: N or MIN:OPT:MAX (default: ½× to 2× the exported size)",
     )
-    p.add_argument("--text-len", default=None, help="engine text length range: N or MIN:OPT:MAX (default: exported)")
+    p.add_argument(
+        "--text-len", default=None, help="engine text length range: N or MIN:OPT:MAX (default: the exported length)"
+    )
     p.add_argument("--schedule-as-input", action="store_true", help="make bypass_schedule a graph input")
-    p.add_argument("--opset", type=int, default=None)
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=None,
+        help=f"ONNX opset version, at least {MIN_OPSET} (default: {DEFAULT_OPSET})",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime comparison")
     p.set_defaults(func=func)
@@ -203,5 +218,5 @@ def _run_export(args) -> int:
     except BaseException:
         _remove_if_created(folder, created)
         raise
-    print("wrote " + ", ".join(os.path.relpath(p) for p in written))
+    print("wrote " + ", ".join(written))  # absolute paths: --out made absolute before any work
     return 0

@@ -1,3 +1,4 @@
+import argparse
 import json
 import subprocess
 import sys
@@ -5,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import bypass_kernels
 from bypass_kernels.cli import main
 
 
@@ -156,7 +158,7 @@ def test_run_takes_a_for_scheduler_spec(capsys):
 def test_schedule_command_prints_a_for_scheduler_record(capsys, tmp_path):
     spec = "for_scheduler:EulerDiscreteScheduler:7:0.4:0:0.5:cosine"
     assert main(["schedule", spec, "--json", "--num-train-timesteps", "500"]) == 0
-    record = json.loads(capsys.readouterr().out.splitlines()[1])
+    record = json.loads(capsys.readouterr().out)  # --json prints the record alone
     assert record["shape"] == "for_scheduler" and record["num_train_timesteps"] == 500
     assert (
         record["scheduler"] == "EulerDiscreteScheduler" and record["ramp"] == "cosine" and len(record["timesteps"]) == 7
@@ -164,6 +166,103 @@ def test_schedule_command_prints_a_for_scheduler_record(capsys, tmp_path):
     path = tmp_path / "s.json"
     path.write_text(json.dumps(record))
     assert main(["schedule", str(path), "--json"]) == 0  # the record, resolved timesteps and all, as a file
-    assert json.loads(capsys.readouterr().out.splitlines()[1]) == record
+    assert json.loads(capsys.readouterr().out) == record
     assert main(["schedule", "for_scheduler:DDIMScheduler:0:0.4"]) == 2
     _assert_one_line_usage_error(2, capsys.readouterr().err, "num_inference_steps")
+
+
+# -- help, reports and messages for people (CLI review) --------------------------------------------
+
+
+def _subparsers():
+    from bypass_kernels.cli import build_parser
+
+    parser = build_parser()
+    (action,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, action.choices
+
+
+def test_top_level_help_lists_the_five_commands_in_plain_text():
+    parser, commands = _subparsers()
+    text = parser.format_help()
+    assert set(commands) == {"run", "generate", "info", "schedule", "export"}
+    for name in commands:
+        assert f"\n  {name} " in text, name
+    assert "``" not in text and ":func:" not in text and ":class:" not in text
+
+
+def test_every_option_has_help_and_shows_its_default():
+    from bypass_kernels.cli import HelpFormatter
+
+    _, commands = _subparsers()
+    for name, sub in commands.items():
+        formatter = HelpFormatter(sub.prog)
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            label = f"{name} {action.option_strings or action.dest}"
+            assert action.help and action.help.strip(), label
+            if not action.required:
+                assert "default" in formatter._get_help_string(action), label
+        assert "default" in sub.format_help()
+    # the options a reviewer found bare
+    for name, option in [
+        ("run", "--steps"),
+        ("run", "--batch"),
+        ("run", "--seed"),
+        ("info", "--json"),
+        ("export", "--opset"),
+        ("schedule", "--num-train-timesteps"),
+    ]:
+        (action,) = (a for a in commands[name]._actions if option in a.option_strings)
+        assert len(action.help) > 10, (name, option)
+
+
+def test_schedule_prints_a_table_not_a_repr(capsys):
+    assert main(["schedule", "linear:0.5:400"]) == 0
+    out = capsys.readouterr().out
+    assert "λ > 0 at 599 of 1000 timesteps, between 401 and 999" in out
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert len(rows) == 11
+    assert rows[0][:2] == ["999", "0.5000"] and rows[-1][:2] == ["400", "0.0000"]  # one zero row below the range
+    assert [int(r[0]) for r in rows] == sorted((int(r[0]) for r in rows), reverse=True)
+    for t, lam, *_ in rows:
+        assert float(lam) == pytest.approx(max(0.0, 0.5 * (int(t) - 400) / 599), abs=1e-4)
+
+
+def test_schedule_of_a_sampler_lists_its_timesteps(capsys):
+    assert main(["schedule", "for_scheduler:DDIMScheduler:4:0.5:0:0.5"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:9].strip().isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("750", "0.5000"), ("500", "0.2500"), ("250", "0.0000"), ("0", "0.0000")]
+
+
+def test_schedule_off_says_so(capsys):
+    assert main(["schedule", "off"]) == 0
+    assert "λ = 0 at every timestep" in capsys.readouterr().out
+
+
+def test_info_is_a_report_for_people(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backends:" in out and "auto picks:" in out and "native extension:" in out
+    for name in ("triton", "cuda", "cpu", "torch"):
+        assert f"\n  {name} " in out, name
+    assert "{" not in out  # not a dict's repr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where the cuda backend is unavailable")
+def test_backend_errors_on_the_command_line_name_the_info_command(capsys):
+    assert main(["run", "--backend", "cuda", "--steps", "1", "--no-baseline"]) == 2
+    err = capsys.readouterr().err
+    _assert_one_line_usage_error(2, err, "'cuda' is unavailable", "bypass-kernels info")
+    assert "bypass_kernels.info()" not in err
+    with pytest.raises(bypass_kernels.BackendUnavailableError, match=r"See bypass_kernels\.info\(\)") as caught:
+        bypass_kernels.backends.require("cuda", "cpu")  # from Python: the Python call
+    assert caught.value.backend == "cuda" and caught.value.reason
+
+
+def test_run_explains_its_summary_line(capsys):
+    assert main(["run", "--steps", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (i,) = (k for k, line in enumerate(lines) if line.startswith("final latents vs the unpatched model"))
+    assert "0 = no change" in lines[i - 1] and "unpatched" in lines[i - 1]

@@ -215,6 +215,9 @@ def test_cli_export_unconditional_unet(tmp_path, capsys):
     assert main(["export", "--model", "tiny-unet2d", "--out", str(out), "--schedule", "cosine:0.5:200"]) == 0
     text = capsys.readouterr().out
     assert "[1/5]" in text and "[5/5]" in text and "max relative error" in text
+    (wrote,) = (line for line in text.splitlines() if line.startswith("wrote "))
+    paths = wrote.removeprefix("wrote ").split(", ")
+    assert len(paths) == 4 and all(os.path.isabs(p) and os.path.isfile(p) for p in paths), wrote  # not relative
     names = sorted(os.listdir(out))
     assert names[:3] == ["bypass_schedule.json", "config.json", "unet.onnx"] and len(names) == 4
     assert re.fullmatch(r"unet\.onnx\.[0-9a-f]{12}\.data", names[3])
