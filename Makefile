@@ -15,14 +15,22 @@ SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.txt csr
 
 install: $(STAMP)
 
+# Each long step says what it does first; pip runs without -q so its progress shows. numpy arrives with
+# torch, before the extension builds (torch's import at build time warns without it).
 $(STAMP): $(SOURCES)
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel ninja
-	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(VENV)/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
-	touch $(STAMP)
+	@echo "==> [1/4] Python virtual environment in $(VENV)"
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@echo "==> [2/4] pip, setuptools, wheel and ninja"
+	$(VENV)/bin/python -m pip install --upgrade pip "setuptools>=77" wheel ninja
+	@echo "==> [3/4] $(TORCH_SPEC) and numpy (torch is a large package: minutes on a first install)"
+	$(VENV)/bin/python -m pip install "$(TORCH_SPEC)" numpy
+	@echo "==> [4/4] bypass_kernels with its dev extras, building its C++ extension (a few minutes the first time)"
+	$(VENV)/bin/python -m pip install --no-build-isolation -e ".[dev]"
+	@touch $(STAMP)
+	@echo "==> installed into $(VENV)"
 
 run: $(STAMP)
+	@echo "==> bypass-kernels run: a tiny UNet, patched, a 20-step DDIM loop (bypass-kernels --help for more)"
 	$(VENV)/bin/bypass-kernels run
 
 test: $(STAMP)

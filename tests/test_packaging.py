@@ -1,0 +1,63 @@
+"""Install: the shipped models are declared package data; the Makefile installs numpy with torch and says
+what each long step does."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_holds_the_shipped_models_without_setuptools_warnings(tmp_path):
+    pytest.importorskip("setuptools")
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", "build", "*.egg-info")
+    for name in ("bypass_kernels", "export", "csrc"):
+        shutil.copytree(ROOT / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"), "."],
+        cwd=source,
+        env={**os.environ, "BYPASS_KERNELS_SKIP_NATIVE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "absent from the `packages` configuration" not in out.stdout + out.stderr
+    (wheel,) = (tmp_path / "w").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for model in ("shapes16", "digits8"):
+        for path in (ROOT / "bypass_kernels" / "data" / model).iterdir():
+            assert f"bypass_kernels/data/{model}/{path.name}" in names
+    assert "bypass_kernels/export/__init__.py" in names
+
+
+def _install_recipe() -> list[str]:
+    text = (ROOT / "Makefile").read_text()
+    recipe = text.split("$(STAMP): $(SOURCES)\n", 1)[1].split("\n\n", 1)[0]
+    return [line.strip() for line in recipe.splitlines()]
+
+
+def test_numpy_is_installed_with_torch_before_the_extension_builds():
+    lines = _install_recipe()
+    (torch_step,) = (i for i, line in enumerate(lines) if "$(TORCH_SPEC)" in line and "pip install" in line)
+    (build_step,) = (i for i, line in enumerate(lines) if "pip install" in line and "-e " in line)
+    assert re.search(r"\bnumpy\b", lines[torch_step]) and torch_step < build_step
+
+
+def test_make_says_what_each_long_step_does():
+    lines = _install_recipe()
+    for i, line in enumerate(lines):
+        if "pip install" in line:
+            assert " -q" not in line, line  # pip's own progress shows
+            assert lines[i - 1].startswith("@echo"), line  # and a line before it says what comes
+    (build_note,) = (line for line in lines if line.startswith("@echo") and "extension" in line)
+    assert "few minutes" in build_note
