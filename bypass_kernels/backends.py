@@ -1,19 +1,21 @@
 """Which blend backends exist here, why a missing one is missing, and what ``auto`` picks.
 
 Backends: ``triton`` (fused Triton kernel), ``cuda`` (CUDA C++ kernel), ``cpu`` (C++ CPU kernel),
-``torch`` (plain torch ops) and ``auto``. Device availability is checked when asked (``info()``, a
-blend, a patch), never at import.
+``torch`` (plain torch ops) and ``auto``; each is one :class:`Backend` record of :data:`BACKENDS`
+(where it runs, why it cannot, its kernel entry). Device availability is checked when asked
+(``info()``, a blend, a patch), never at import.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from bypass_kernels import _native
-
-NAMES = ("auto", "triton", "cuda", "cpu", "torch")
+from bypass_kernels.torch_blend import blend_reference, blend_torch_eager_, flat_layout_ok
 
 _triton_state: dict = {}
 
@@ -44,44 +46,110 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# -- why each backend may be unavailable (None: it can run on device_type; None device type: somewhere here)
+
+
+def _torch_unavailable(device_type: str | None) -> str | None:
+    return None
+
+
+def _cpu_unavailable(device_type: str | None) -> str | None:
+    if not _native.loaded:
+        return _native.load_error
+    if device_type not in (None, "cpu"):
+        return f"the 'cpu' backend runs on CPU tensors, got {device_type} tensors"
+    return None
+
+
+def _cuda_unavailable(device_type: str | None) -> str | None:
+    if not _native.loaded:
+        return _native.load_error
+    if not _native.has_kernel("CUDA"):
+        return (
+            "the native extension was built without its CUDA kernel (build needs a CUDA build of torch and nvcc; "
+            "BYPASS_KERNELS_SKIP_CUDA unset)"
+        )
+    if device_type not in (None, "cuda"):
+        return f"the 'cuda' backend runs on CUDA tensors, got {device_type} tensors"
+    if device_type is None and not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return None
+
+
+def _triton_unavailable(device_type: str | None) -> str | None:
+    if _triton() is None:
+        return _triton_state["error"]
+    if _triton_interpret() != _triton().INTERPRET:
+        return "TRITON_INTERPRET changed after bypass_kernels was imported; set it before the import"
+    if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
+        if not _triton_interpret():
+            return "Triton runs on CUDA tensors here; on the CPU only with TRITON_INTERPRET=1 (slow, for tests)"
+        return None
+    if device_type not in (None, "cuda"):
+        return f"the 'triton' backend runs on CUDA tensors, got {device_type} tensors"
+    if _triton_interpret():
+        return "TRITON_INTERPRET=1 is set, which runs Triton on the CPU only"
+    return None
+
+
+# -- each backend's kernel entry: (mid_out, mid_in, table, timestep) -> mid_out, arguments checked, the
+# timestep a tensor on mid_out's device, no autograd needed. ops.blend_ calls it, eager or traced; an eager
+# native call normally takes _native.eager_blend_ before reaching it.
+
+
+def _torch_kernel(mid_out, mid_in, table, timestep):
+    if torch.compiler.is_compiling():  # what compilers fuse into the mid-block's last pointwise kernel
+        return mid_out.copy_(blend_reference(mid_out, mid_in, table, timestep))
+    return blend_torch_eager_(mid_out, mid_in, table, timestep)
+
+
+def _native_kernel(mid_out, mid_in, table, timestep):
+    torch.ops.bypass_kernels.blend_(mid_out, mid_in, table, timestep)  # traced: the op's fake impl
+    return mid_out
+
+
+def _triton_kernel(mid_out, mid_in, table, timestep):
+    t = timestep if timestep.dtype in triton_timestep_dtypes() else timestep.to(torch.float32)
+    if mid_out.dtype in triton_kernel_dtypes() and flat_layout_ok(mid_out, mid_in, t):
+        triton_op()(mid_out, mid_in, table, t)
+        return mid_out
+    # Any other dtype or strides: the right answer, written into the caller's tensor.
+    return mid_out.copy_(blend_reference(mid_out, mid_in, table, timestep))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One blend backend: where it runs, why it cannot (``why_unavailable(device_type)``: None when it can;
+    device_type None asks about this machine as a whole), its kernel entry, whether its eager calls may take
+    the C++ op's unboxed path (``native``), and its rank in ``auto``'s eager order on a device type (lower
+    first; None: auto never picks it, except ``torch`` as the last resort)."""
+
+    name: str
+    device_types: tuple[str, ...]
+    why_unavailable: Callable[[str | None], str | None]
+    kernel: Callable[..., torch.Tensor]
+    native: bool = False
+    auto_rank: int | None = None
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("triton", ("cuda",), _triton_unavailable, _triton_kernel, auto_rank=1),  # CPU: interpreter only
+        Backend("cuda", ("cuda",), _cuda_unavailable, _native_kernel, native=True, auto_rank=0),
+        Backend("cpu", ("cpu",), _cpu_unavailable, _native_kernel, native=True, auto_rank=0),
+        Backend("torch", ("cpu", "cuda"), _torch_unavailable, _torch_kernel),  # and any other device
+    )
+}
+NAMES = ("auto", *BACKENDS)
+NATIVE = tuple(sorted(name for name, b in BACKENDS.items() if b.native))  # ("cpu", "cuda"), as ops had it
+
+
 def _why_unavailable(name: str, device_type: str | None) -> str | None:
     """None if ``name`` can run on ``device_type`` (None: on some device here), else the reason."""
-    if name == "torch":
-        return None
-    if name == "cpu":
-        if not _native.loaded:
-            return _native.load_error
-        if device_type not in (None, "cpu"):
-            return f"the 'cpu' backend runs on CPU tensors, got {device_type} tensors"
-        return None
-    if name == "cuda":
-        if not _native.loaded:
-            return _native.load_error
-        if not _native.has_kernel("CUDA"):
-            return (
-                "the native extension was built without its CUDA kernel (build needs a CUDA build of torch and nvcc; "
-                "BYPASS_KERNELS_SKIP_CUDA unset)"
-            )
-        if device_type not in (None, "cuda"):
-            return f"the 'cuda' backend runs on CUDA tensors, got {device_type} tensors"
-        if device_type is None and not torch.cuda.is_available():
-            return "no CUDA device is visible"
-        return None
-    if name == "triton":
-        if _triton() is None:
-            return _triton_state["error"]
-        if _triton_interpret() != _triton().INTERPRET:
-            return "TRITON_INTERPRET changed after bypass_kernels was imported; set it before the import"
-        if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
-            if not _triton_interpret():
-                return "Triton runs on CUDA tensors here; on the CPU only with TRITON_INTERPRET=1 (slow, for tests)"
-            return None
-        if device_type not in (None, "cuda"):
-            return f"the 'triton' backend runs on CUDA tensors, got {device_type} tensors"
-        if _triton_interpret():
-            return "TRITON_INTERPRET=1 is set, which runs Triton on the CPU only"
-        return None
-    raise ValueError(f"backend: expected one of {', '.join(NAMES)}, got {name!r}")
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(NAMES)}, got {name!r}")
+    return BACKENDS[name].why_unavailable(device_type)
 
 
 def check_name(name: str) -> None:
@@ -108,7 +176,7 @@ def auto_choice(device_type: str) -> str:
 
     CUDA: the CUDA C++ kernel, else the Triton kernel, else torch ops. Both kernels sit at the same
     floor under CUDA-graph replay, but a plain eager launch of the C++ kernel cost 28-50 µs on the
-    H200 host against 88-141 µs for Triton's launcher (benchmarks/results/h200-microbench.csv), and
+    H200 host against 88-141 µs for Triton's launcher (benchmarks/results/h200-c640135-microbench.csv), and
     at 64M elements plain it reached 84-92% of copy bandwidth against 48-77%. CPU: the C++ kernel,
     else torch ops (the Triton interpreter is for tests only, never picked). Cached per device
     type: what is installed and visible does not change within a process.
@@ -119,12 +187,12 @@ def auto_choice(device_type: str) -> str:
 
 
 def _first_available(device_type: str) -> str:
-    order = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(device_type, ())
-    for name in order:
-        if name == "triton" and _triton_interpret():
+    ranked = [b for b in BACKENDS.values() if b.auto_rank is not None and device_type in b.device_types]
+    for backend in sorted(ranked, key=lambda b: b.auto_rank):
+        if backend.name == "triton" and _triton_interpret():  # the interpreter is for tests, never picked
             continue
-        if _why_unavailable(name, device_type) is None:
-            return name
+        if _why_unavailable(backend.name, device_type) is None:
+            return backend.name
     return "torch"
 
 

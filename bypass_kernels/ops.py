@@ -12,30 +12,11 @@ import numbers
 import torch
 
 from bypass_kernels import _native, backends
+from bypass_kernels.torch_blend import blend_reference, timestep_index_tensor, timestep_weights
+
+_NATIVE = backends.NATIVE  # backends whose eager calls take the C++ op's unboxed path
 
 __all__ = ["blend", "blend_", "blend_reference", "timestep_index_tensor", "timestep_weights"]
-
-
-def timestep_index_tensor(timestep: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    """Table indices [n]: float32, NaN to 0, round half to even, clamp to [0, T-1] (ONNX: IsNaN/Where,
-    Round, Clip, Cast). NaN reads index 0 on every backend, as the native kernels' fmax/fmin do."""
-    t = timestep.reshape(-1).to(torch.float32)
-    t = torch.where(torch.isnan(t), torch.zeros_like(t), t)
-    return t.round().clamp(0, num_train_timesteps - 1).to(torch.long)
-
-
-def timestep_weights(table: torch.Tensor, timestep: torch.Tensor, ndim: int) -> torch.Tensor:
-    """λ per sample as a float32 tensor of shape [n, 1, ..., 1] (n = 1 or batch), ready to broadcast."""
-    index = timestep_index_tensor(timestep, table.shape[0])
-    return table.index_select(0, index).reshape(-1, *([1] * (ndim - 1)))  # ONNX: Gather
-
-
-def blend_reference(
-    mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, timestep: torch.Tensor
-) -> torch.Tensor:
-    """The blend in plain torch ops, out of place: the definition every kernel is tested against."""
-    lam = timestep_weights(table, timestep, mid_out.dim())
-    return ((1.0 - lam) * mid_out.to(torch.float32) + lam * mid_in.to(torch.float32)).to(mid_out.dtype)
 
 
 def _as_timestep(timestep, device: torch.device) -> torch.Tensor:
@@ -126,33 +107,9 @@ def blend_(
     _check(mid_out, mid_in, table, timestep)
     if eager and _same_memory(mid_out, mid_in):
         return mid_out
-    if _needs_autograd(mid_out, mid_in, table) or (name == "torch" and not eager):
-        return mid_out.copy_(blend_reference(mid_out, mid_in, table, timestep))  # what compilers fuse
-    if name == "torch":
-        return _blend_torch_eager_(mid_out, mid_in, table, timestep)
-    if name == "triton":
-        t = timestep if timestep.dtype in backends.triton_timestep_dtypes() else timestep.to(torch.float32)
-        if mid_out.dtype in backends.triton_kernel_dtypes() and _flat_layout_ok(mid_out, mid_in, t):
-            backends.triton_op()(mid_out, mid_in, table, t)
-            return mid_out
-        # Any other dtype or strides: the right answer, written into the caller's tensor.
+    if _needs_autograd(mid_out, mid_in, table):
         return mid_out.copy_(blend_reference(mid_out, mid_in, table, timestep))
-    torch.ops.bypass_kernels.blend_(mid_out, mid_in, table, timestep)  # "cpu" / "cuda" traced: the op's fake impl
-    return mid_out
-
-
-_NATIVE = ("cpu", "cuda")
-
-
-def _blend_torch_eager_(mid_out, mid_in, table, timestep) -> torch.Tensor:
-    """The reference's arithmetic (each product and the sum rounded in float32) with at most two
-    temporaries: fresh large buffers cost page faults on the CPU, which made the reference's six
-    5 to 20 times slower than one lerp_."""
-    lam = timestep_weights(table, timestep, mid_out.dim())
-    if mid_out.dtype == torch.float32:
-        return mid_out.mul_(1.0 - lam).add_(mid_in * lam)
-    out32 = mid_out.to(torch.float32).mul_(1.0 - lam)
-    return mid_out.copy_(out32.add_(mid_in.to(torch.float32).mul_(lam)))
+    return backends.BACKENDS[name].kernel(mid_out, mid_in, table, timestep)
 
 
 def blend(
@@ -166,27 +123,3 @@ def blend(
         backends.resolve(backend, mid_out.device)  # still validate the name
         return blend_reference(mid_out, mid_in, table, timestep)
     return blend_(mid_out.clone(), mid_in, table, timestep, backend=backend)
-
-
-def _flat_layout_ok(mid_out: torch.Tensor, mid_in: torch.Tensor, timestep: torch.Tensor) -> bool:
-    """Same rule as the C++ ``flat_layout_ok``: one flat pass over memory gives the right answer.
-    Strides of size-1 dimensions never address memory, so only the others must agree."""
-    if not _non_overlapping_and_dense(mid_out) or not _non_overlapping_and_dense(mid_in):
-        return False
-    if any(n != 1 and a != b for n, a, b in zip(mid_out.shape, mid_out.stride(), mid_in.stride(), strict=True)):
-        return False
-    batch = mid_out.shape[0]
-    if timestep.numel() == 1 or batch == 1 or mid_out.numel() == 0:
-        return True
-    return mid_out.stride(0) == mid_out.numel() // batch
-
-
-def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
-    """Strides, sorted, describe a dense block with no overlap (any permutation of a contiguous layout)."""
-    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True

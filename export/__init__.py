@@ -6,44 +6,14 @@
 - :func:`build_engine` and :class:`TensorRTUNet`: a TensorRT (10.x or 11.x) engine from that graph
   and a runner usable as ``pipe.unet``; :func:`default_profile` derives its shape ranges from the
   graph. TensorRT is imported only when these are used.
+
+Everything else (the graph's names and metadata, the ONNX Runtime check and its helpers) is in the
+modules: ``onnx_export``, ``runtime``, ``profiles``, ``tensorrt``.
 """
 
-from bypass_kernels.export.onnx_export import (
-    CHECK_TIMESTEPS,
-    MIN_OPSET,
-    SCHEDULE_NAME,
-    VIDEO_UNETS,
-    ExportResult,
-    UNetForExport,
-    export_inputs,
-    graph_metadata,
-    max_relative_error,
-    onnxruntime_session,
-    reference_output,
-    run_onnx,
-    to_onnx,
-)
+from bypass_kernels.export.onnx_export import to_onnx
 from bypass_kernels.export.profiles import default_profile
-from bypass_kernels.export.runtime import OnnxRuntimeUNet, PipelineUNet
+from bypass_kernels.export.runtime import OnnxRuntimeUNet
 from bypass_kernels.export.tensorrt import TensorRTUNet, build_engine
 
-__all__ = [
-    "CHECK_TIMESTEPS",
-    "MIN_OPSET",
-    "SCHEDULE_NAME",
-    "VIDEO_UNETS",
-    "ExportResult",
-    "OnnxRuntimeUNet",
-    "PipelineUNet",
-    "TensorRTUNet",
-    "UNetForExport",
-    "build_engine",
-    "default_profile",
-    "export_inputs",
-    "graph_metadata",
-    "max_relative_error",
-    "onnxruntime_session",
-    "reference_output",
-    "run_onnx",
-    "to_onnx",
-]
+__all__ = ["OnnxRuntimeUNet", "TensorRTUNet", "build_engine", "default_profile", "to_onnx"]

@@ -9,14 +9,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from bypass_kernels.export import (
+from bypass_kernels.export import to_onnx
+from bypass_kernels.export.onnx_export import (
     SCHEDULE_NAME,
+    VIDEO_UNETS,
     export_inputs,
     max_relative_error,
     onnxruntime_session,
     reference_output,
     run_onnx,
-    to_onnx,
 )
 from conftest import HAS_CUDA
 
@@ -477,7 +478,8 @@ def test_cli_out_is_a_file(tmp_path, capsys):
 
 
 def test_text_len_is_stored_and_drives_the_default_profile(sd_export, sdxl_graph):
-    from bypass_kernels.export import default_profile, graph_metadata
+    from bypass_kernels.export import default_profile
+    from bypass_kernels.export.onnx_export import graph_metadata
 
     assert graph_metadata(sd_export["path"])["text_len"] == "8" and sd_export["result"].text_len == 8
     profile = default_profile(sd_export["path"])
@@ -593,7 +595,7 @@ def _video_unets():
     )
 
 
-@pytest.mark.parametrize("make", list(_video_unets()), ids=[n for n in bypass_kernels.export.VIDEO_UNETS])
+@pytest.mark.parametrize("make", list(_video_unets()), ids=list(VIDEO_UNETS))
 def test_video_unets_are_refused_with_the_reason(tmp_path, make):
     unet = make()
     name = type(unet).__name__

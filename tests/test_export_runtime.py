@@ -8,7 +8,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from bypass_kernels.export import SCHEDULE_NAME, OnnxRuntimeUNet, export_inputs, reference_output, to_onnx
+from bypass_kernels.export import OnnxRuntimeUNet, to_onnx
+from bypass_kernels.export.onnx_export import SCHEDULE_NAME, export_inputs, reference_output
 from tiny_pipelines import run_img2img, tiny_text_encoder, tiny_vae
 
 import bypass_kernels

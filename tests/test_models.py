@@ -1,6 +1,6 @@
 """Every diffusers UNet class with a mid-block, patched, against a hand-written reference hook (issue 13).
 
-Tiny configs (bypass_kernels.presets.TINY_MODELS), random weights, float32 on the CPU. The reference is the
+Tiny configs (tests/tiny_models.py, TINY_MODELS), random weights, float32 on the CPU. The reference is the
 unpatched model with a plain forward hook on its mid-block computing (1 − λ)·m + λ·h, λ from a hand-written
 linear schedule at the timestep the model was called with: one λ per sample, and for video models (whose
 mid-block sees B·F samples, frames folded batch-major) each sample's λ repeated over its F frames.
@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import FRAME_DIM, TINY_MODELS, build_tiny_model, tiny_model_inputs
 
 import bypass_kernels
 from bypass_kernels import BypassSchedule
-from bypass_kernels.presets import FRAME_DIM, TINY_MODELS, build_tiny_model, tiny_model_inputs
 
 diffusers = pytest.importorskip("diffusers")
 

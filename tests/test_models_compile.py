@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from test_models import FRAMES, SCHEDULE, frames_of, run, run_reference
+from tiny_models import TINY_MODELS, build_tiny_model, tiny_model_inputs
 
 import bypass_kernels
-from bypass_kernels.presets import TINY_MODELS, build_tiny_model, tiny_model_inputs
 
 pytest.importorskip("diffusers")
 

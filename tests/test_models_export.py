@@ -9,10 +9,10 @@ import os
 
 import pytest
 import torch
+from tiny_models import build_tiny_model, tiny_model_inputs
 
 import bypass_kernels
 from bypass_kernels import BypassSchedule
-from bypass_kernels.presets import build_tiny_model, tiny_model_inputs
 
 pytest.importorskip("diffusers")
 pytest.importorskip("onnx")

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bypass_kernels import blend_, blend_reference
-from bypass_kernels.ops import _flat_layout_ok
+from bypass_kernels.torch_blend import flat_layout_ok as _flat_layout_ok
 
 BACKENDS = available_backends("cpu")
 TABLE = torch.rand(1000, generator=torch.Generator().manual_seed(1))
