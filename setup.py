@@ -6,14 +6,16 @@ needs it, ``bypass_kernels.info()`` says why it is missing, and the ``auto`` bac
 Environment switches:
   BYPASS_KERNELS_SKIP_NATIVE=1   build no native code at all
   BYPASS_KERNELS_SKIP_CUDA=1     build the CPU kernel only, even where nvcc and a CUDA torch exist
-  BYPASS_KERNELS_CPU_ISA=generic  no AVX2 code in the CPU kernel (default: AVX2 where the building CPU has it)
   BYPASS_KERNELS_REQUIRE_NATIVE=1  fail the install if the extension does not build
   TORCH_CUDA_ARCH_LIST           CUDA architectures (default here: "8.0;9.0+PTX")
 The CUDA kernel needs nvcc and a CUDA build of torch at build time, not a visible GPU.
+
+The CPU kernel is built for the baseline ISA (no -march/-mavx2 flags), so a wheel runs on any x86-64 or
+other CPU; its AVX2 + F16C path sits in functions with their own target attribute and is chosen at run
+time where the CPU has both (BYPASS_KERNELS_CPU_ISA=generic at run time forces the portable path).
 """
 
 import os
-import platform
 
 from setuptools import setup
 
@@ -22,22 +24,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
-
-
-def cpu_isa_flags():
-    """AVX2 code for the CPU kernel when the building CPU has it (the extension is built where it runs,
-    like a -march=native build): ATen's Vectorized<float/Half/BFloat16> then use AVX2 and F16C."""
-    if os.environ.get("BYPASS_KERNELS_CPU_ISA", "auto") == "generic" or platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return []
-    if not {"avx2", "fma", "f16c"} <= flags:
-        return []
-    print("bypass_kernels: CPU kernel built for AVX2 + FMA + F16C (BYPASS_KERNELS_CPU_ISA=generic to disable)")
-    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
 
 
 def nvcc_flags():
@@ -61,7 +47,7 @@ def native_extensions():
     sources = ["csrc/ops.cpp", "csrc/cpu/blend_cpu.cpp"]
     # -fopenmp: at::parallel_for is inlined from ATen's headers as OpenMP code; without it, it runs serially.
     # -ffp-contract=off: no FMA contraction, so results match the float32 reference bit for bit.
-    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", *cpu_isa_flags()]
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp"]
     with_cuda = (
         not _flag("BYPASS_KERNELS_SKIP_CUDA") and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     )

@@ -28,6 +28,13 @@ loaded = load_error is None
 eager_blend_ = _C.eager_blend_ if loaded else None  # the op through the dispatcher's unboxed path
 
 
+def cpu_isa() -> str | None:
+    """The CPU kernel's code path, chosen when the extension loads: "avx2" (AVX2 + F16C, where the CPU has
+    both) or "generic" (any CPU; forced by BYPASS_KERNELS_CPU_ISA=generic); None without the extension."""
+    query = getattr(_C, "cpu_isa", None) if loaded else None  # None too from an extension built before it
+    return query() if query is not None else None
+
+
 def has_kernel(dispatch_key: str) -> bool:
     """Whether the extension registered a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
     return loaded and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, dispatch_key)

@@ -237,7 +237,7 @@ def info() -> dict:
         "backends": rows,
         "auto": auto,
         "traced": "torch (plain torch ops the compiler fuses)",
-        "native_extension": {"loaded": _native.loaded, "reason": _native.load_error},
+        "native_extension": {"loaded": _native.loaded, "reason": _native.load_error, "cpu_isa": _native.cpu_isa()},
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "triton_interpret": _triton_interpret(),
         "versions": versions,

@@ -240,6 +240,12 @@ def cmd_info(args) -> int:
     return 0
 
 
+CPU_ISA_NOTE = {
+    "avx2": "AVX2 + F16C, chosen at run time; BYPASS_KERNELS_CPU_ISA=generic forces the portable path",
+    "generic": "portable; the CPU lacks AVX2 + F16C, or BYPASS_KERNELS_CPU_ISA=generic",
+}
+
+
 def info_text(report: dict) -> str:
     """``bypass_kernels.info()`` as a report for people."""
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v is not None)
@@ -250,6 +256,8 @@ def info_text(report: dict) -> str:
         f"  native extension: {'loaded' if native['loaded'] else 'not loaded: ' + _one_line(native['reason'])}",
         f"  CUDA device:      {report['cuda_device'] or 'none visible'}",
     ]
+    if native.get("cpu_isa"):
+        lines.insert(3, f"  CPU kernel path:  {native['cpu_isa']} ({CPU_ISA_NOTE[native['cpu_isa']]})")
     if report["triton_interpret"]:
         lines.append("  TRITON_INTERPRET=1: Triton kernels run on the CPU through its interpreter (for tests)")
     lines += ["", "backends:"]

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+
 namespace bypass_kernels {
 
 // Argument checks shared by every backend: ValueError/TypeError naming the argument, including a
@@ -25,5 +27,11 @@ void blend_fallback_(at::Tensor& mid_out, const at::Tensor& mid_in, const at::Te
 inline bool kernel_dtype_ok(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
+
+// The CPU kernel's code path ("avx2" or "generic", chosen at run time: cpu/blend_cpu.cpp), whether
+// this CPU has AVX2 and F16C, and a switch ("auto", "generic", "avx2") returning the path now used.
+std::string cpu_isa();
+bool cpu_supports_avx2();
+std::string set_cpu_isa(const std::string& isa);
 
 }  // namespace bypass_kernels

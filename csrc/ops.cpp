@@ -92,4 +92,14 @@ PYBIND11_MODULE(_C, m) {
         END_HANDLE_TH_ERRORS_PYBIND
       },
       "blend_ through the dispatcher's unboxed path (eager calls; the checks raise ValueError/TypeError)");
+  m.def("cpu_isa", &bypass_kernels::cpu_isa, "the CPU kernel's code path in use: 'avx2' or 'generic'");
+  m.def("cpu_supports_avx2", &bypass_kernels::cpu_supports_avx2, "whether this CPU has AVX2 and F16C");
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& isa) {
+        HANDLE_TH_ERRORS
+        return bypass_kernels::set_cpu_isa(isa);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      "choose the CPU kernel's path: 'auto', 'generic' or 'avx2' (for tests; BYPASS_KERNELS_CPU_ISA at load)");
 }

@@ -1,15 +1,36 @@
 // CPU kernel: lambda per sample is read on the host (the timestep is a CPU tensor), then one
 // parallel, vectorized pass blends in place with float32 arithmetic.
+//
+// Two code paths, chosen at run time (a wheel built on one x86-64 machine runs on any other):
+//   generic  ATen's Vectorized<> as compiled for the baseline ISA (the build adds no -m flags);
+//   avx2     AVX2 + F16C intrinsics in functions with __attribute__((target)), used when the CPU
+//            reports both (__builtin_cpu_supports). Only those functions hold AVX2 code (header
+//            functions are at most inlined into them, never emitted out of line for AVX2), so
+//            nothing AVX2 leaks into the generic path (tests/test_cpu_isa.py disassembles to check).
+// Both round each product and the sum in float32 (no FMA: the build passes -ffp-contract=off and
+// the avx2 target leaves FMA out), and convert to half/bfloat16 rounding to nearest even, as c10
+// does: the two paths are bit-identical. BYPASS_KERNELS_CPU_ISA=generic (read when the extension
+// loads) forces the generic path.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "../blend.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define BYPASS_KERNELS_HAVE_AVX2_PATH 1
+#include <immintrin.h>
+#else
+#define BYPASS_KERNELS_HAVE_AVX2_PATH 0
+#endif
 
 namespace bypass_kernels {
 namespace {
@@ -66,16 +87,101 @@ void blend_span(scalar_t* out, const scalar_t* in, int64_t n, float w) {
   }
 }
 
+#if BYPASS_KERNELS_HAVE_AVX2_PATH
+#define BK_AVX2 __attribute__((target("avx2,f16c")))
+
+// float32 <-> float32 "conversions", so one loop serves the three dtypes.
+BK_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+BK_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+
+BK_AVX2 inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+BK_AVX2 inline void store8(at::Half* p, __m256 v) {  // round to nearest even, as c10::Half(float)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+BK_AVX2 inline __m256 load8(const at::BFloat16* p) {  // exact: the bfloat16 bits are the float's top half
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+BK_AVX2 inline void store8(at::BFloat16* p, __m256 v) {
+  // c10::BFloat16(float): NaN -> 0x7FC0, else round to nearest even on the top 16 bits.
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  top = _mm256_blendv_epi8(top, _mm256_set1_epi32(0x7FC0), nan);
+  // 8 x 32-bit (each < 2^16) -> 8 x 16-bit: pack within 128-bit lanes, then gather the two halves.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+template <typename scalar_t>
+BK_AVX2 void blend_span_avx2(scalar_t* out, const scalar_t* in, int64_t n, float w) {
+  const float keep = 1.0f - w;
+  const __m256 vkeep = _mm256_set1_ps(keep), vw = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 m = load8(out + i), h = load8(in + i);
+    store8(out + i, _mm256_add_ps(_mm256_mul_ps(vkeep, m), _mm256_mul_ps(vw, h)));
+  }
+  for (; i < n; ++i) {
+    out[i] = static_cast<scalar_t>(keep * static_cast<float>(out[i]) + w * static_cast<float>(in[i]));
+  }
+}
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}
+#else
+bool cpu_has_avx2() { return false; }
+#endif
+
+// The path in use: true = avx2. Set when the extension loads; tests switch it with set_cpu_isa.
+std::atomic<bool> use_avx2{false};
+
+std::string env_isa() {
+  const char* value = std::getenv("BYPASS_KERNELS_CPU_ISA");
+  return value == nullptr ? std::string("auto") : std::string(value);
+}
+
+// Chooses the path: "auto" (avx2 where the CPU has AVX2 and F16C), "generic", or "avx2" (an error
+// where the CPU lacks it). Returns the path now in use.
+std::string select_isa(const std::string& isa) {
+  TORCH_CHECK_VALUE(isa == "auto" || isa == "generic" || isa == "avx2",
+                    "BYPASS_KERNELS_CPU_ISA: expected auto, generic or avx2, got '", isa, "'");
+  TORCH_CHECK_VALUE(isa != "avx2" || cpu_has_avx2(),
+                    "BYPASS_KERNELS_CPU_ISA=avx2: this CPU (or this build) has no AVX2 and F16C; use auto or generic");
+  use_avx2.store(isa != "generic" && cpu_has_avx2());
+  return use_avx2.load() ? "avx2" : "generic";
+}
+
+// At load: an unknown value of the variable falls back to auto instead of failing the import.
+const bool isa_selected = [] {
+  try {
+    select_isa(env_isa());
+  } catch (const std::exception&) {
+    select_isa("auto");
+  }
+  return true;
+}();
+
 template <typename scalar_t>
 void blend_flat(at::Tensor& mid_out, const at::Tensor& mid_in, const std::vector<float>& weights, int64_t per_sample) {
   scalar_t* out = mid_out.data_ptr<scalar_t>();
   const scalar_t* in = mid_in.data_ptr<scalar_t>();
+  auto span = &blend_span<scalar_t>;
+#if BYPASS_KERNELS_HAVE_AVX2_PATH
+  if (use_avx2.load(std::memory_order_relaxed)) span = &blend_span_avx2<scalar_t>;
+#endif
   at::parallel_for(0, mid_out.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
     // Walk the chunk one sample-segment at a time so each segment has a single weight.
     for (int64_t i = begin; i < end;) {
       const int64_t sample = i / per_sample;
       const int64_t stop = std::min(end, (sample + 1) * per_sample);
-      blend_span<scalar_t>(out + i, in + i, stop - i, weights[sample]);
+      span(out + i, in + i, stop - i, weights[sample]);
       i = stop;
     }
   });
@@ -99,6 +205,10 @@ void blend_cpu_(at::Tensor mid_out, const at::Tensor& mid_in, const at::Tensor& 
 }
 
 }  // namespace
+
+std::string cpu_isa() { return use_avx2.load() ? "avx2" : "generic"; }
+bool cpu_supports_avx2() { return cpu_has_avx2(); }
+std::string set_cpu_isa(const std::string& isa) { return select_isa(isa); }
 
 TORCH_LIBRARY_IMPL(bypass_kernels, CPU, m) { m.impl("blend_", &blend_cpu_); }
 
