@@ -13,7 +13,7 @@ import bypass_kernels
 from bypass_kernels.schedule import BypassSchedule
 
 DESCRIPTION = """\
-Training-free mid-block bypass for diffusion UNets: m' = (1 - λ(t))·m + λ(t)·h.
+Training-free mid-block bypass for diffusion models: m' = (1 - λ(t))·m + λ(t)·h.
 
 commands:
   run       patch a UNet and run a short DDIM loop, printing timestep, λ and time per step
@@ -21,6 +21,7 @@ commands:
   info      which blend backends run here, and why a missing one is missing
   schedule  print a schedule's λ table (and plot it with --plot FILE.png)
   export    export a patched UNet to ONNX (and a TensorRT engine) with the schedule baked in
+  comfyui   install the ComfyUI node "Mid-Block Bypass" into a ComfyUI checkout
 
 Run 'bypass-kernels COMMAND --help' for the options of one command.
 """
@@ -327,6 +328,15 @@ def cmd_export(args) -> int:
     return run_export(args)
 
 
+def cmd_comfyui(args) -> int:
+    from bypass_kernels.comfyui.install import install
+
+    folder = install(args.path, overwrite=args.overwrite)
+    print(f"installed the Mid-Block Bypass node: {folder}")
+    print("restart ComfyUI; it loads the node from there (bypass_kernels must be installed in ComfyUI's Python)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bypass-kernels", description=DESCRIPTION, formatter_class=_TopHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands above")
@@ -389,6 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
     from bypass_kernels.export.cli import add_export_parser
 
     add_export_parser(command, SCHEDULE_HELP, cmd_export)
+
+    comfy = command(
+        "comfyui",
+        "install the ComfyUI node",
+        "Write custom_nodes/bypass_kernels_node/ into a ComfyUI checkout: the node 'Mid-Block Bypass' (MODEL in, "
+        "MODEL out), loaded from this package by ComfyUI at its next start.",
+    )
+    comfy.add_argument("action", choices=("install",), help="what to do (install)")
+    comfy.add_argument("path", help="the ComfyUI checkout (the folder with main.py, nodes.py and custom_nodes/)")
+    comfy.add_argument("--overwrite", action="store_true", help="replace a different file already there")
+    comfy.set_defaults(func=cmd_comfyui)
     return parser
 
 

@@ -182,10 +182,10 @@ def _subparsers():
     return parser, action.choices
 
 
-def test_top_level_help_lists_the_five_commands_in_plain_text():
+def test_top_level_help_lists_every_command_in_plain_text():
     parser, commands = _subparsers()
     text = parser.format_help()
-    assert set(commands) == {"run", "generate", "info", "schedule", "export"}
+    assert set(commands) == {"run", "generate", "info", "schedule", "export", "comfyui"}
     for name in commands:
         assert f"\n  {name} " in text, name
     assert "``" not in text and ":func:" not in text and ":class:" not in text
@@ -266,3 +266,20 @@ def test_run_explains_its_summary_line(capsys):
     lines = capsys.readouterr().out.splitlines()
     (i,) = (k for k, line in enumerate(lines) if line.startswith("final latents vs the unpatched model"))
     assert "0 = no change" in lines[i - 1] and "unpatched" in lines[i - 1]
+
+
+def test_comfyui_install_writes_the_custom_node_and_refuses_a_folder_that_is_not_comfyui(tmp_path, capsys):
+    root = tmp_path / "ComfyUI"
+    (root / "comfy").mkdir(parents=True)
+    (root / "nodes.py").write_text("")
+    assert main(["comfyui", "install", str(root)]) == 0
+    shim = root / "custom_nodes" / "bypass_kernels_node" / "__init__.py"
+    assert "from bypass_kernels.comfyui import NODE_CLASS_MAPPINGS" in shim.read_text()
+    assert str(shim.parent) in capsys.readouterr().out
+    assert main(["comfyui", "install", str(root)]) == 0  # again: already there
+    shim.write_text("someone else's node")
+    assert main(["comfyui", "install", str(root)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["comfyui", "install", str(root), "--overwrite"]) == 0
+    assert main(["comfyui", "install", str(tmp_path / "nowhere")]) == 2
+    assert "not a ComfyUI checkout" in capsys.readouterr().err
