@@ -16,6 +16,14 @@ over interleaved rounds; the differences are paired per round, with an order-sta
 (``intervals.median_ci``). Rows go to ``results/cpu-compiled-host-cost.csv``.
 
     python benchmarks/compiled_host_cost.py [--models toy tiny-sd] [--rounds 15] [--calls 300]
+
+Timing on a shared machine moves with everything else running there. ``--instructions`` counts
+instead: each variant runs compiled in its own process under valgrind's callgrind, with
+instrumentation switched on only around N calls (after compiling and warming up), twice (N1 and
+N2 calls); (I2 − I1) / (N2 − N1) is the instructions one call costs, the same however loaded the
+machine is. Rows go to ``results/cpu-compiled-host-instructions.csv``.
+
+    python benchmarks/compiled_host_cost.py --instructions [--models toy] [--calls 100 600]
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 import time
 import types
 
@@ -135,6 +144,95 @@ def per_call_us(fn, calls: int) -> float:
     return (time.thread_time() - start) / calls * 1e6
 
 
+def _child(model_name: str, variant: str, calls: int, flag: str) -> None:
+    """Inside valgrind: compile and warm up, then make ``calls`` calls between the parent's signals."""
+    torch.set_num_threads(1)
+    model, inputs = build(model_name, variant)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        for _ in range(5):
+            compiled(**inputs)
+        _signal(flag + ".ready", flag + ".go")
+        for _ in range(calls):
+            compiled(**inputs)
+        _signal(flag + ".done", flag + ".stop")
+
+
+def _signal(mine: str, theirs: str) -> None:
+    open(mine, "w").close()
+    while not os.path.exists(theirs):
+        time.sleep(0.05)
+
+
+def instructions(model_name: str, variant: str, calls: int, workdir: str) -> int:
+    """Instructions callgrind counted over ``calls`` compiled calls of one variant (its own process)."""
+    import shutil
+    import tempfile
+
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise RuntimeError("--instructions needs valgrind (e.g. apt-get install valgrind)")
+    flag = tempfile.mktemp(prefix=f"{variant}-{calls}-", dir=workdir)
+    out = flag + ".callgrind"
+    child = subprocess.Popen(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            model_name,
+            variant,
+            str(calls),
+            flag,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for mine, theirs, switch in ((".ready", ".go", "on"), (".done", ".stop", "off")):
+            while not os.path.exists(flag + mine):
+                if child.poll() is not None:
+                    raise RuntimeError(f"{model_name}/{variant}: the process under valgrind ended early")
+                time.sleep(0.5)
+            subprocess.run(["callgrind_control", "-i", switch, str(child.pid)], capture_output=True, check=True)
+            open(flag + theirs, "w").close()
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    with open(out, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("totals:") or line.startswith("summary:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no totals in {out}")
+
+
+def instruction_rows(models, calls: tuple[int, int], env: dict) -> list[dict]:
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for model_name in models:
+            per_call = {}
+            for variant in ("unpatched", "patched", "floor"):
+                low, high = (instructions(model_name, variant, n, workdir) for n in calls)
+                per_call[variant] = (high - low) / (calls[1] - calls[0])
+                print(
+                    f"{model_name:8s} {variant:10s} {per_call[variant]:12.0f} instructions per compiled call",
+                    flush=True,
+                )
+            row = {"model": model_name, "mode": "compiled"}
+            row.update({f"{v}_instructions": round(n) for v, n in per_call.items()})
+            row["patched_minus_unpatched"] = round(per_call["patched"] - per_call["unpatched"])
+            row["floor_minus_unpatched"] = round(per_call["floor"] - per_call["unpatched"])
+            row["patched_minus_floor"] = round(per_call["patched"] - per_call["floor"])
+            row.update(calls_low=calls[0], calls_high=calls[1], **env)
+            rows.append(row)
+    return rows
+
+
 def git_commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -152,9 +250,20 @@ def main(argv=None) -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--instructions", action="store_true", help="count instructions under callgrind instead")
+    parser.add_argument("--counts", type=int, nargs=2, default=(100, 600), help="N1 N2 calls (--instructions)")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        model_name, variant, calls, flag = args.child
+        return _child(model_name, variant, int(calls), flag)
     torch.set_num_threads(args.threads)
     env = {**environment(torch.device("cpu")), "commit": git_commit()}
+    if args.instructions:
+        rows = instruction_rows(args.models, tuple(args.counts), env)
+        if not args.no_write:
+            append_rows(os.path.join(RESULTS, "cpu-compiled-host-instructions.csv"), rows)
+        return None
     rows = []
     for model_name in args.models:
         for mode in args.modes:

@@ -19,7 +19,7 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/gpu_check.log") 2>&1
-deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-345}))
+deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-390}))
 summary=()
 stamp() { echo "== $(date -u +%H:%M:%S) (+${SECONDS}s) $*"; }
 
@@ -136,6 +136,8 @@ step "microbenchmarks and blend_ host cost" 60 \
 step "UNet step: SD1.5, CUDA graph and eager, every variant" 75 unet --models sd15 --modes cuda_graph eager
 step "UNet step: SD1.5 compiled, reduce-overhead and default mode" 150 unet --models sd15 --modes reduce-overhead compile
 step "UNet step: SDXL, CUDA graph, every variant" 60 unet --models sdxl --modes cuda_graph
+step "Transformer step: Flux and SD3.5 at full width (fewer blocks), CUDA graph and eager" 60 \
+  unet --models flux-reduced sd35-reduced --modes cuda_graph eager
 
 stamp "verdict"
 {
