@@ -157,7 +157,7 @@ def test_fp16_graph_keeps_a_float32_timestep(tmp_path):
 @pytest.mark.parametrize(
     ("make", "kwargs", "exc", "match"),
     [
-        (lambda: torch.nn.Linear(2, 2), {}, TypeError, "no mid-block"),
+        (lambda: torch.nn.Linear(2, 2), {}, TypeError, "neither a mid-block nor known transformer blocks"),
         (lambda: build_unet("tiny-sd"), {"opset": 11}, ValueError, "opset"),
         (lambda: build_unet("tiny-sd"), {"schedule": "linear"}, TypeError, "schedule"),
     ],

@@ -58,7 +58,14 @@ def test_code_names_only_result_files_that_exist():
 
 def test_export_exposes_only_what_users_call():
     export = pytest.importorskip("bypass_kernels.export")
-    assert sorted(export.__all__) == ["OnnxRuntimeUNet", "TensorRTUNet", "build_engine", "default_profile", "to_onnx"]
+    assert sorted(export.__all__) == [
+        "OnnxRuntimeTransformer",
+        "OnnxRuntimeUNet",
+        "TensorRTUNet",
+        "build_engine",
+        "default_profile",
+        "to_onnx",
+    ]
     for name in ("reference_output", "max_relative_error", "run_onnx", "export_inputs", "onnxruntime_session"):
         assert not hasattr(export, name), name
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

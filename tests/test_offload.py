@@ -208,3 +208,47 @@ def test_set_schedule_inside_a_streamed_call_is_not_undone(folder, expected_cuda
 
     tiny_pipelines.run_pipeline(pipe, callback_on_step_end=switch)
     np.testing.assert_allclose(tiny_pipelines.run_pipeline(pipe), second, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------- a transformer
+def flux_images(pipe, steps: int = 3):
+    with torch.no_grad():
+        return pipe(
+            "a red square",
+            height=32,
+            width=32,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **tiny_pipelines.DIT_CALL["flux"],
+        ).images
+
+
+@pytest.fixture(scope="module")
+def flux_expected(tmp_path_factory):
+    pipe = tiny_pipelines.flux_pipeline(tmp_path_factory.mktemp("flux-ref"))
+    bypass_kernels.patch(pipe, FIRST, span=(1, 2))  # the last dual block into the first single block
+    first = flux_images(pipe)
+    bypass_kernels.set_schedule(pipe, SECOND)
+    second = flux_images(pipe)
+    bypass_kernels.unpatch(pipe)
+    plain = flux_images(pipe)
+    assert np.abs(first - plain).max() > 1e-3 and np.abs(second - first).max() > 1e-3
+    return first, second
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("how", CPU_MECHANISMS)
+def test_flux_span_under_offload_on_cpu(tmp_path, flux_expected, how, order):
+    pipe = tiny_pipelines.flux_pipeline(tmp_path)
+    if order == "patch_first":
+        bypass_kernels.patch(pipe, FIRST, span=(1, 2))
+        enable(pipe, how, "cpu")
+    else:
+        enable(pipe, how, "cpu")
+        bypass_kernels.patch(pipe, FIRST, span=(1, 2))
+    got = [flux_images(pipe), flux_images(pipe)]
+    bypass_kernels.set_schedule(pipe, SECOND)
+    got.append(flux_images(pipe))
+    for images, want in zip(got, [flux_expected[0], flux_expected[0], flux_expected[1]], strict=True):
+        np.testing.assert_allclose(images, want, atol=1e-5)
