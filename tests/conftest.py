@@ -10,6 +10,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist workers share the cores: each gets its share of intra-op threads (one each for `-n 2` on
+# two cores). More threads than cores make the tiny models' ops wait on each other's spinning threads
+# (a tiny-sd step 20-50x slower on a busy machine). Child processes (CLI, export kill tests) inherit it.
+if "PYTEST_XDIST_WORKER" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _threads = max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
 import pytest
 
 import bypass_kernels
