@@ -137,8 +137,8 @@ def test_sdxl_schedule_as_input_serves_any_table(sdxl_graph):
 def test_fp16_graph_keeps_a_float32_timestep(tmp_path):
     unet = build_unet("tiny-sd")
     path = str(tmp_path / "h.onnx")
-    with pytest.warns(UserWarning, match="default_schedule"):
-        to_onnx(unet, path, fp16=True)  # unpatched, no schedule: the default, with a warning
+    with pytest.warns(UserWarning, match="default_schedule"):  # (fixed height and width: a quicker export)
+        to_onnx(unet, path, fp16=True, dynamic_shape=False)  # unpatched, no schedule: the default, with a warning
     model = onnx.load(path)
     types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
     assert types == {
@@ -211,9 +211,9 @@ def test_failure_during_export_leaves_no_partial_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_cli_export_unconditional_unet(tmp_path, capsys):
-    out = tmp_path / "export"
-    assert main(["export", "--model", "tiny-unet2d", "--out", str(out), "--schedule", "cosine:0.5:200"]) == 0
+def test_cli_export_unconditional_unet(tmp_path, capsys, mini_folder):
+    out = tmp_path / "export"  # a one-level UNet2DModel from a local folder: the smallest real export
+    assert main(["export", "--model", str(mini_folder), "--out", str(out), "--schedule", "cosine:0.5:200"]) == 0
     text = capsys.readouterr().out
     assert "[1/5]" in text and "[5/5]" in text and "max relative error" in text
     (wrote,) = (line for line in text.splitlines() if line.startswith("wrote "))
@@ -260,14 +260,44 @@ def test_tensorrt_engine_matches_pytorch(sd_export, tmp_path, cuda_graph):
 
 
 # -- kill-safe export (issue 12, item 7) -------------------------------------------------------------
+# What is tested is where an export stands when it dies, not the graph: the exports here are of a
+# one-level UNet2DModel (MINI_UNET2D) with fixed shapes, a few seconds each instead of a minute.
+
+MINI_UNET2D = dict(
+    sample_size=8,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(16,),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D",),
+    up_block_types=("UpBlock2D",),
+    norm_num_groups=8,
+)
+STATIC = dict(dynamic_batch=False, dynamic_shape=False)
+
+
+def _mini_unet2d():
+    from diffusers import UNet2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return UNet2DModel(**MINI_UNET2D).eval()
+
+
+@pytest.fixture(scope="module")
+def mini_folder(tmp_path_factory):
+    """MINI_UNET2D saved as a local model folder, for ``bypass-kernels export --model <folder>``."""
+    folder = tmp_path_factory.mktemp("mini") / "model"
+    _mini_unet2d().save_pretrained(folder)
+    return folder
+
 
 KILL_SCRIPT = """
 import os, signal, sys
 from bypass_kernels.export import onnx_export
-from bypass_kernels.presets import build_unet
 from bypass_kernels import BypassSchedule
 
-mode, where, signame, out = sys.argv[1:5]
+mode, where, signame, out, model = sys.argv[1:6]
 real = getattr(onnx_export, where)
 
 def die(*args, **kwargs):  # the process is killed at this point of the export, by the signal named
@@ -276,22 +306,29 @@ def die(*args, **kwargs):  # the process is killed at this point of the export, 
     return real(*args, **kwargs)
 
 setattr(onnx_export, where, die)
+static = dict(dynamic_batch=False, dynamic_shape=False)  # a fixed-shape graph: the same steps, sooner
 if mode == "api":
-    onnx_export.to_onnx(build_unet("tiny-unet2d"), os.path.join(out, "unet.onnx"), BypassSchedule.linear(0.5))
+    from bypass_kernels.presets import load_unet
+    onnx_export.to_onnx(load_unet(model), os.path.join(out, "unet.onnx"), BypassSchedule.linear(0.5), **static)
 else:
+    export = onnx_export.export_to_staging
+    onnx_export.export_to_staging = lambda *args, **kwargs: export(*args, **{**kwargs, **static})
     from bypass_kernels.cli import main
-    sys.exit(main(["export", "--model", "tiny-unet2d", "--out", out]))
+    sys.exit(main(["export", "--model", model, "--out", out]))
 """
 
 
-def _killed_export(tmp_path, mode, where, signame, out):
+def _killed_export(tmp_path, mode, where, signame, out, model):
     import subprocess
     import sys
 
     script = tmp_path / "kill_export.py"
     script.write_text(KILL_SCRIPT)
     proc = subprocess.run(
-        [sys.executable, str(script), mode, where, signame, str(out)], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), mode, where, signame, str(out), str(model)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert "reached " + where in proc.stdout, proc.stderr[-2000:]
     return proc
@@ -301,29 +338,46 @@ def _staging_folders(folder):
     return [n for n in os.listdir(folder) if n.startswith(".bypass_export")]
 
 
-def test_sigkill_while_writing_leaves_no_final_name_and_the_next_export_cleans_up(tmp_path):
+def test_sigkill_while_writing_leaves_no_final_name_and_the_next_export_cleans_up(tmp_path, mini_folder):
     out = tmp_path / "out"
     out.mkdir()
-    proc = _killed_export(tmp_path, "api", "_finish_graph", "SIGKILL", out)
+    proc = _killed_export(tmp_path, "api", "_finish_graph", "SIGKILL", out, mini_folder)
     assert proc.returncode == -9
     assert "unet.onnx" not in os.listdir(out)  # the graph was written, never published
     debris = _staging_folders(out)
     assert len(debris) == 1 and any(n.endswith(".data") for n in os.listdir(out / debris[0]))
-    to_onnx(build_unet("tiny-unet2d"), str(out / "unet.onnx"), SCHEDULE, check=False)
+    to_onnx(_mini_unet2d(), str(out / "unet.onnx"), SCHEDULE, check=False, **STATIC)
     assert _staging_folders(out) == []  # the dead export's staging folder is gone
     assert sorted(n.split(".")[-1] for n in os.listdir(out)) == ["data", "onnx"]
 
 
-def test_killed_during_the_onnxruntime_check_leaves_no_unverified_file(tmp_path):
+def test_killed_during_the_onnxruntime_check_leaves_no_unverified_file(tmp_path, mini_folder, monkeypatch):
+    """SIGKILL runs no clean-up at all: what it leaves is the output folder as it stands when the check
+    begins, recorded here in-process (the two subprocess tests show real signals landing)."""
+    from bypass_kernels.export import onnx_export
+
+    class Killed(BaseException):
+        pass
+
     out = tmp_path / "cli"  # the CLI creates it
-    proc = _killed_export(tmp_path, "cli", "_verify", "SIGKILL", out)
-    assert proc.returncode == -9
-    assert [n for n in os.listdir(out) if not n.startswith(".bypass_export")] == []
+    left = []
+
+    def die(*args, **kwargs):
+        left.append(sorted(os.listdir(out)))
+        raise Killed
+
+    export = onnx_export.export_to_staging
+    monkeypatch.setattr(onnx_export, "export_to_staging", lambda *a, **k: export(*a, **{**k, **STATIC}))
+    monkeypatch.setattr(onnx_export, "_verify", die)
+    with pytest.raises(Killed):
+        main(["export", "--model", str(mini_folder), "--out", str(out)])
+    assert len(left) == 1 and left[0], left  # the check began, with the export staged
+    assert [n for n in left[0] if not n.startswith(".bypass_export")] == []
 
 
-def test_sigterm_during_the_check_cleans_up_everything_the_cli_made(tmp_path):
+def test_sigterm_during_the_check_cleans_up_everything_the_cli_made(tmp_path, mini_folder):
     out = tmp_path / "cli"
-    proc = _killed_export(tmp_path, "cli", "_verify", "SIGTERM", out)
+    proc = _killed_export(tmp_path, "cli", "_verify", "SIGTERM", out, mini_folder)
     assert proc.returncode == 128 + 15
     assert not out.exists()  # staging removed, and the folder it created too
 
@@ -347,9 +401,10 @@ def _snapshot(folder):
 
 @pytest.fixture(scope="module")
 def unet2d_export(tmp_path_factory):
-    """A finished export of the unconditional tiny UNet, copied by the tests that overwrite it."""
+    """A finished export of an unconditional UNet (MINI_UNET2D; dynamic batch), copied by the tests that
+    overwrite it."""
     folder = tmp_path_factory.mktemp("unet2d")
-    to_onnx(build_unet("tiny-unet2d"), str(folder / "unet.onnx"), SCHEDULE)
+    to_onnx(_mini_unet2d(), str(folder / "unet.onnx"), SCHEDULE, dynamic_shape=False)
     return folder
 
 
@@ -372,9 +427,9 @@ def test_failed_overwrite_leaves_the_previous_export_whole(unet2d_export, tmp_pa
         raise RuntimeError("export check: injected failure")
 
     monkeypatch.setattr(onnx_export, "_verify", fail)
-    unet = build_unet("tiny-unet2d")
+    unet = _mini_unet2d()
     with pytest.raises(RuntimeError, match="injected"):
-        to_onnx(unet, str(out / "unet.onnx"), BypassSchedule.constant(0.2), overwrite=True)
+        to_onnx(unet, str(out / "unet.onnx"), BypassSchedule.constant(0.2), overwrite=True, **STATIC)
     monkeypatch.undo()
     assert _snapshot(out) == before  # same graph, same weights file, nothing new, no staging left
     bypass_kernels.patch(unet, SCHEDULE)
@@ -532,7 +587,7 @@ def test_profile_of_a_static_graph(tmp_path):
     from bypass_kernels.export import default_profile
 
     path = str(tmp_path / "static.onnx")
-    to_onnx(build_unet("tiny-unet2d"), path, SCHEDULE, dynamic_batch=False, dynamic_shape=False)
+    to_onnx(_mini_unet2d(), path, SCHEDULE, **STATIC)
     assert default_profile(path) == {}
     with pytest.raises(ValueError, match="fixed at 2"):
         default_profile(path, batch=(1, 2, 4))
