@@ -1,6 +1,9 @@
 """torch.compile on patched UNets (Inductor on the CPU here; the GPU parts run in benchmarks/gpu_check.sh).
 
-Compiles are slow on two cores, so each compiled model is built once and shared by several checks.
+Compiles are slow on two cores, so each compiled model is built once and shared by several checks. The
+tests of Inductor's code (its output, its kernel count) share one Inductor compile of tiny-sd; the tests
+of Dynamo's rules (graph breaks, recompiles) use the AOT-eager backend, which traces the same graph
+(Dynamo, then AOTAutograd's functionalization of the in-place blend) without generating C++.
 """
 
 import pytest
@@ -16,11 +19,11 @@ from bypass_kernels.presets import build_unet
 SCHEDULE = BypassSchedule.linear(0.8, t_min=300)
 
 
-def compiled_run(model, calls, **compile_kwargs):
+def compiled_run(model, calls, backend="inductor", **compile_kwargs):
     """Compile ``model`` fresh; return (outputs, frames compiled, Inductor kernels generated)."""
     torch._dynamo.reset()
     metrics.reset()
-    counter = CompileCounterWithBackend("inductor")
+    counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(model, backend=counter, fullgraph=True, **compile_kwargs)
     outputs = [run_unet(compiled, inputs) for inputs in calls]
     return outputs, counter.frame_count, metrics.generated_kernel_count, compiled, counter
@@ -99,10 +102,16 @@ def test_set_schedule_between_loops_does_not_recompile(sd_compiled):
 
 
 def test_per_sample_and_float_timesteps_compile_once_more_at_most(sd_compiled):
-    """A [batch] timestep is a new input shape (one more graph); its values never recompile."""
-    unet, compiled, counter = sd_compiled["unet"], sd_compiled["compiled"], sd_compiled["counter"]
+    """A [batch] timestep is a new input shape (one more graph); its values never recompile. (Dynamo's
+    rule: AOT-eager, compiled first at a 0-d timestep like the shared Inductor model; per-sample λ in
+    Inductor's code: test_ops_edges.py::test_nan_timesteps_compiled_read_index_zero.)"""
+    unet = sd_compiled["unet"]
     base = sd_compiled["calls"][0]
+    counter = CompileCounterWithBackend("aot_eager")  # a backend of its own: a cache entry of its own
+    compiled = torch.compile(unet, backend=counter, fullgraph=True)
+    run_unet(compiled, base)
     before = counter.frame_count
+    assert before == 1
     for pair in ([999.0, 10.0], [500.5, 501.5], [0.0, 2000.0], [333.3, 777.7]):
         inputs = {**base, "timestep": torch.tensor(pair)}
         got = run_unet(compiled, inputs)
@@ -117,9 +126,11 @@ def test_per_sample_and_float_timesteps_compile_once_more_at_most(sd_compiled):
 
 
 def test_sdxl_shaped_fullgraph_no_recompile():
+    """SDXL's added conditioning traces in one graph with no recompile across timesteps (Dynamo's rules:
+    AOT-eager; Inductor's code is checked on tiny-sd above)."""
     unet = bypass_kernels.patch(build_unet("tiny-sdxl"), SCHEDULE)
     calls = loop_inputs(unet, [torch.tensor(t) for t in (999, 640, 320, 0)])
-    outputs, frames, _, _, _ = compiled_run(unet, calls)
+    outputs, frames, _, _, _ = compiled_run(unet, calls, backend="aot_eager")
     assert frames == 1
     bypass_kernels.unpatch(unet)
     handles = hand_hook(unet, SCHEDULE.weight)
