@@ -1,8 +1,9 @@
 # Two commands on a fresh machine, each doing its own set-up:
 #   make run    build a venv, install, run the main job (tiny UNet, patched, short DDIM loop)
 #   make test   build a venv, install with test extras, run the test suite
-# TORCH_SPEC picks how torch arrives: the default is the CPU build this workplace keeps on disk;
-# on a GPU machine use e.g. TORCH_SPEC="torch" (a CUDA build from PyPI) or an already-installed torch.
+#   make docs   build the documentation site (MkDocs, strict) into site/
+# TORCH_SPEC is the torch requirement pip installs, from your configured package index (on a plain
+# Linux machine, torch==2.13.0 from PyPI is a CUDA build); e.g. TORCH_SPEC="torch" for the newest.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -11,7 +12,7 @@ PYTEST_ARGS ?= -q -n 2 --dist loadfile  # two workers; each test file stays on o
 STAMP := $(VENV)/.bypass_kernels_installed
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.txt csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: run test install lint
+.PHONY: run test install lint docs
 
 install: $(STAMP)
 
@@ -38,3 +39,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict -d site
