@@ -1,7 +1,7 @@
 """Controlled experiment: do deeper UNets amplify bias, and does the mid-block bypass change it?
 
-One command per data set regenerates everything (models, CSV, plots, the README table, the shipped
-checkpoint); see the README's "Evidence" section for the committed runs and their times:
+One command per data set regenerates everything (models, CSV, plots, the tables, the shipped
+checkpoint); see docs/evidence.md for the committed runs and their times:
 
     python benchmarks/bias_experiment.py --dataset digits     # --device cuda on a GPU
     python benchmarks/bias_experiment.py --dataset shapes

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU run that brings back every figure it can, whatever fails, and ends with a verdict table.
-#   bash benchmarks/fetch_wheels.sh        # here, once: diffusers (and setuptools) wheels into .whl/, carried
-#   bash benchmarks/gpu_check.sh           # there: OUT=... set by the device tool (default: gpu_out/)
-# Steps, most important first: install the package as the README does (against the machine's torch,
+#   bash benchmarks/fetch_wheels.sh        # with network access, once: diffusers (and setuptools) wheels into .whl/
+#   bash benchmarks/gpu_check.sh           # on the GPU machine: results in $OUT (default: gpu_out/)
+# Steps, most important first: install the package as docs/install.md does (against the machine's torch,
 # no build isolation, so bypass_kernels.export imports), GPU tests (junit xml), microbenchmarks and
 # the host cost of blend_, UNet step (SD1.5: CUDA graph and eager; SD1.5: reduce-overhead and
 # default compile; SDXL: CUDA graph), then the verdict (benchmarks/verdict.py). The SD1.5 compiles
@@ -76,7 +76,7 @@ install_wheels() {
 }
 
 install_package() {
-  # The README's install: against the torch already here, no build isolation, no downloads.
+  # The documented install (docs/install.md): against the torch already here, no build isolation, no downloads.
   local cap
   cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${cap:-9.0}}

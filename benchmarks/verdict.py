@@ -1,4 +1,4 @@
-"""The verdict of one GPU run: each target of the kernel and compile issues, its measured value, and
+"""The verdict of one GPU run: each performance goal of the kernels and the patch, its measured value, and
 PASS, FAIL or SKIPPED (no rows for it: the step did not run, failed, or ran out of budget).
 
 Reads what benchmarks/gpu_check.sh leaves in $OUT (standard library only, any Python):

@@ -74,7 +74,7 @@ def _thaw(value: Any) -> Any:
 
 
 class BypassSchedule:
-    """λ(t) for the mid-block bypass ``m' = (1 - λ)·m + λ·h`` (see METHOD.md).
+    """λ(t) for the mid-block bypass ``m' = (1 - λ)·m + λ·h`` (docs/method.md).
 
     Build one with :meth:`constant`, :meth:`linear`, :meth:`cosine`, :meth:`from_table`,
     :meth:`from_steps` or :meth:`for_scheduler` (λ by fraction of sampling). A schedule is an
@@ -373,9 +373,9 @@ def default_schedule(*, num_train_timesteps: int = 1000) -> BypassSchedule:
     """This package's own starting point, not a value from the paper: ``linear(0.3, t_min=T/2)``.
 
     λ rises from 0 at the middle of the timestep range to 0.3 at the noisiest timestep, so the
-    bypass acts only on the high-noise half of sampling and fades out as the image forms. The
-    project's own experiment (README, "Evidence") does not support any non-zero strength on its
-    synthetic data; tune on your model.
+    bypass acts only on the high-noise half of sampling and fades out as the image forms. This
+    package's own experiments (documentation, "Evidence") do not support any non-zero strength on
+    their small models; tune on your model.
     """
     T = check_T(num_train_timesteps)
     return BypassSchedule.linear(0.3, t_min=min(T // 2, T - 2), num_train_timesteps=T)

@@ -1,4 +1,4 @@
-"""benchmarks/bias_experiment.py end to end on a toy budget, for both data sets (the real runs are in the README)."""
+"""benchmarks/bias_experiment.py end to end on a toy budget, for both data sets (real runs: docs/evidence.md)."""
 
 import importlib.util
 import os

@@ -1,4 +1,4 @@
-"""What the GPU kernels compile to, checked without a GPU (issue: kernels).
+"""What the GPU kernels compile to, checked without a GPU.
 
 The Triton kernel is compiled for sm_90 by Triton's own NVIDIA backend and the CUDA kernel by nvcc;
 the PTX shows 16-byte loads and stores on aligned inputs and no FMA contraction in the blend. This

@@ -259,7 +259,7 @@ def test_tensorrt_engine_matches_pytorch(sd_export, tmp_path, cuda_graph):
         runner(torch.zeros(1, 4, 64, 64, device="cuda"), 10, torch.zeros(1, 8, 32, device="cuda"))
 
 
-# -- kill-safe export (issue 12, item 7) -------------------------------------------------------------
+# -- kill-safe export ---------------------------------------------------------------------------
 # What is tested is where an export stands when it dies, not the graph: the exports here are of a
 # one-level UNet2DModel (MINI_UNET2D) with fixed shapes, a few seconds each instead of a minute.
 
@@ -492,7 +492,7 @@ def test_publish_switches_graph_and_weights_together_or_not_at_all(tmp_path, mon
     assert session.run(None, {"x": np.zeros(64, np.float32)})[0][0] == 2.0
 
 
-# -- CLI user errors (issue 12, item 6) ----------------------------------------------------------------
+# -- CLI user errors -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -529,7 +529,7 @@ def test_cli_out_is_a_file(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err and target.read_text() == "x"
 
 
-# -- profiles from the graph's named dimensions (issue 11, findings 2 and 4) ---------------------------
+# -- profiles from the graph's named dimensions -----------------------------------------------------------
 
 
 def test_text_len_is_stored_and_drives_the_default_profile(sd_export, sdxl_graph):
@@ -611,7 +611,7 @@ def test_tensorrt_precision_rules():
         precision_flags(graph_fp16=True, fp16=False, has_fp16_flag=True)
 
 
-# -- video UNets (issue 13): a clear refusal ------------------------------------------------------------
+# -- video UNets: a clear refusal --------------------------------------------------------------------
 
 
 def _video_unets():

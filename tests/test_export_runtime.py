@@ -1,5 +1,5 @@
 """OnnxRuntimeUNet as ``pipe.unet`` in real tiny SD and SDXL pipelines, and the call conventions it shares
-with TensorRTUNet (issue 11)."""
+with TensorRTUNet."""
 
 import json
 import os

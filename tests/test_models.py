@@ -1,4 +1,4 @@
-"""Every diffusers UNet class with a mid-block, patched, against a hand-written reference hook (issue 13).
+"""Every diffusers UNet class with a mid-block, patched, against a hand-written reference hook.
 
 Tiny configs (tests/tiny_models.py, TINY_MODELS), random weights, float32 on the CPU. The reference is the
 unpatched model with a plain forward hook on its mid-block computing (1 − λ)·m + λ·h, λ from a hand-written

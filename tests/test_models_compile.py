@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) of every patched UNet class (issue 13): no graph break and no recompile
+"""torch.compile(fullgraph=True) of every patched UNet class: no graph break and no recompile
 across per-sample timesteps, video models included (the frame fold must be inferred from shapes, with no
 host sync). Dynamo's "eager" backend: this checks the tracing, not Inductor's code (test_compile.py does
 that for SD/SDXL). Video models fail on c640135 (no frame fold yet)."""

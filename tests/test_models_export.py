@@ -1,5 +1,5 @@
-"""ONNX export of the UNet classes the exporter was not written for (issue 13: "video UNets export too, or
-raise a clear error saying why not"). Each either exports a graph that onnxruntime runs equal to the patched
+"""ONNX export of the UNet classes the exporter was not written for (video UNets export too, or raise a
+clear error saying why not). Each either exports a graph that onnxruntime runs equal to the patched
 PyTorch model, or raises TypeError / ValueError / NotImplementedError naming the class, leaving no file.
 On c640135 all six fail: torch.export's own TorchExportError, after tracing, names nothing."""
 

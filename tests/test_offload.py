@@ -1,4 +1,4 @@
-"""Patched pipelines under diffusers' offloading (issue 13): enable_model_cpu_offload, enable_sequential_cpu_offload
+"""Patched pipelines under diffusers' offloading: enable_model_cpu_offload, enable_sequential_cpu_offload
 and enable_group_offload (block and leaf level, with and without CUDA streams), patched before or after offload is
 enabled. Each gives the images of the non-offloaded patched pipeline, over several calls, and a set_schedule
 between calls takes effect.

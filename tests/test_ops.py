@@ -1,4 +1,4 @@
-"""The blend op: every backend against the plain-torch reference (issue: kernels and foundation)."""
+"""The blend op: every backend against the plain-torch reference."""
 
 import pytest
 import torch
@@ -31,7 +31,7 @@ def _check_against_reference(backend, m, h, table, t):
 
 
 def test_reference_matches_method_definition():
-    """The reference itself, against METHOD.md written out in Python floats."""
+    """The reference itself, against the documented formula (docs/method.md) written out in Python floats."""
     table = torch.linspace(0, 1, 1000)
     m = torch.randn(3, 2, 2, 2)
     h = torch.randn(3, 2, 2, 2)

@@ -241,7 +241,7 @@ def test_pickle_and_copy_give_equal_values(schedule):
 
 
 def _ramp(shape, strength, start, end, p):
-    """issue 13's formulas, written out independently of the package."""
+    """The documented formulas, written out independently of the package."""
     if not start <= p < end:
         return 0.0
     if shape == "constant":
