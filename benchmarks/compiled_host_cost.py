@@ -202,11 +202,16 @@ def instructions(model_name: str, variant: str, calls: int, workdir: str) -> int
     finally:
         if child.poll() is None:
             child.kill()
+    # "totals:" is what was counted while instrumentation was on; "summary:" can read 0 when
+    # instrumentation starts off (--instr-atstart=no), so it is not used
+    totals = []
     with open(out, encoding="utf-8") as f:
         for line in f:
-            if line.startswith("totals:") or line.startswith("summary:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no totals in {out}")
+            if line.startswith("totals:"):
+                totals.append(int(line.split()[1]))
+    if not totals:
+        raise RuntimeError(f"no totals in {out}")
+    return sum(totals)
 
 
 def instruction_rows(models, calls: tuple[int, int], env: dict) -> list[dict]:

@@ -8,7 +8,7 @@
 # default compile; SDXL: CUDA graph), then the verdict (benchmarks/verdict.py). The SD1.5 compiles
 # happen first in the background, during the build and the tests, and are awaited before anything
 # is timed. Each step is independent: its failure or time-out is logged and the next one runs. Each
-# has its own cap and all share GPU_CHECK_BUDGET_S (default 345 s: the whole run fits in 6 minutes).
+# has its own cap and all share GPU_CHECK_BUDGET_S (default 390 s: the whole run, install included, fits in about 7 minutes).
 # Files in $OUT (7): gpu_check.log build.log gpu_tests.xml microbench.csv host_cost.csv unet_step.csv verdict.md.
 # Without a CUDA GPU (a dry run, e.g. `OUT=/tmp/x bash benchmarks/gpu_check.sh`) every GPU step is
 # reported as skipped and the verdict table is still printed.
