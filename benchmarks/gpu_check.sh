@@ -9,7 +9,7 @@
 # happen first in the background, during the build and the tests, and are awaited before anything
 # is timed. Each step is independent: its failure or time-out is logged and the next one runs. Each
 # has its own cap and all share GPU_CHECK_BUDGET_S (default 390 s: the whole run, install included, fits in about 7 minutes).
-# Files in $OUT (7): gpu_check.log build.log gpu_tests.xml microbench.csv host_cost.csv unet_step.csv verdict.md.
+# Files in $OUT (8): gpu_check.log build.log gpu_tests.xml compile_facts.xml microbench.csv host_cost.csv unet_step.csv verdict.md.
 # Without a CUDA GPU (a dry run, e.g. `OUT=/tmp/x bash benchmarks/gpu_check.sh`) every GPU step is
 # reported as skipped and the verdict table is still printed.
 set -uo pipefail
@@ -122,6 +122,11 @@ step "backends (bypass-kernels info)" 30 "$PY" -m bypass_kernels.cli info
 step "GPU tests: pytest -m 'gpu or tensorrt'" 90 \
   "$PY" -m pytest -q -rfEs -m "gpu or tensorrt" -p no:cacheprovider -p no:xdist \
   --continue-on-collection-errors tests/ --junitxml="$OUT/gpu_tests.xml"
+# The torch.compile facts the patch is built on (hooks unguarded, a swapped submodule class guarded),
+# on this machine's torch: the tests of compile-then-patch rely on them.
+step "torch.compile facts on this torch (test_attach)" 30 \
+  "$PY" -m pytest -q -rfEs -p no:cacheprovider -p no:xdist tests/test_attach.py \
+  -k "dynamo_does_not_see or inplace_modules" --junitxml="$OUT/compile_facts.xml"
 if [ -n "$warm_pid" ]; then  # nothing may compile while the benchmarks time
   stamp "waiting for the compile warm-up"
   wait "$warm_pid"

@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import torch
 
+# Traced inside compiled models: names bound here, not read as torch.<name>. Dynamo guards a module
+# that two frames' globals both reach (torch, from this module and from torch.nn) with a guard written
+# in Python, run on every compiled call; a bound function or dtype is a plain identity check instead.
+_where, _isnan, _zeros_like = torch.where, torch.isnan, torch.zeros_like
+_float32, _long = torch.float32, torch.long
+
 
 def timestep_index_tensor(timestep: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
     """Table indices [n]: float32, NaN to 0, round half to even, clamp to [0, T-1] (ONNX: IsNaN/Where,
     Round, Clip, Cast). NaN reads index 0 on every backend, as the native kernels' fmax/fmin do."""
-    t = timestep.reshape(-1).to(torch.float32)
-    t = torch.where(torch.isnan(t), torch.zeros_like(t), t)
-    return t.round().clamp(0, num_train_timesteps - 1).to(torch.long)
+    t = timestep.reshape(-1).to(_float32)
+    t = _where(_isnan(t), _zeros_like(t), t)
+    return t.round().clamp(0, num_train_timesteps - 1).to(_long)
 
 
 def timestep_weights(table: torch.Tensor, timestep: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -26,7 +32,7 @@ def blend_reference(
 ) -> torch.Tensor:
     """The blend in plain torch ops, out of place: the definition every kernel is tested against."""
     lam = timestep_weights(table, timestep, mid_out.dim())
-    return ((1.0 - lam) * mid_out.to(torch.float32) + lam * mid_in.to(torch.float32)).to(mid_out.dtype)
+    return ((1.0 - lam) * mid_out.to(_float32) + lam * mid_in.to(_float32)).to(mid_out.dtype)
 
 
 def blend_torch_eager_(mid_out, mid_in, table, timestep) -> torch.Tensor:

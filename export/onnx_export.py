@@ -100,10 +100,15 @@ def _downsampling_factor(unet: nn.Module) -> int:
     return 2 ** sum(1 for b in blocks if getattr(b, "downsamplers", None))
 
 
+MAX_BATCH = 63
+
+
 def _dynamic_shapes(names, *, factor: int, dynamic_batch: bool, dynamic_shape: bool):
     Dim = torch.export.Dim
-    batch = Dim("batch", min=1, max=1024)
-    count = Dim("timestep_count", min=1, max=1024)  # one graph takes [1] and [batch]
+    # diffusers' upsamplers branch at a batch of 64 (.contiguous() before interpolate): a graph holds
+    # one branch, and declaring the range torch.export would narrow it to saves a second trace
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    count = Dim("timestep_count", min=1, max=MAX_BATCH)  # one graph takes [1] and [batch]
     specs: dict[str, dict[int, object]] = {}
     for name in names:
         spec: dict[int, object] = {}

@@ -139,6 +139,49 @@ def _never_leave_patched(tiny_sd, tiny_sdxl, tiny_unet2d):
         bypass_kernels.unpatch(unet)
 
 
+# -- exported graphs, shared by test_export.py and test_export_runtime.py (an export takes ~30 s)
+GRAPH_SCHEDULE = bypass_kernels.BypassSchedule.linear(0.8, t_min=300)
+
+
+def _shared_graph(tmp_path_factory, preset: str, *, patched: bool, **options) -> dict:
+    """``preset`` (seeded weights) exported once per test run with GRAPH_SCHEDULE: patched with it (a
+    patched model exports with its own schedule) or unpatched and given it. The xdist workers share
+    the graph through a file lock in the run's temporary folder; each gets its own model, identical
+    to the exported one."""
+    import pickle
+
+    from bypass_kernels.export import to_onnx
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        base = base.parent  # the folder of this run, shared by its workers
+    folder = base / f"shared-graph-{preset}"
+    unet = build_unet(preset)
+    if patched:
+        bypass_kernels.patch(unet, GRAPH_SCHEDULE)
+    with FileLock(str(folder) + ".lock"):
+        done = folder / "result.pickle"
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            result = to_onnx(unet, str(folder / "unet.onnx"), None if patched else GRAPH_SCHEDULE, **options)
+            done.write_bytes(pickle.dumps(result))
+        result = pickle.loads(done.read_bytes())
+    return dict(unet=unet, path=result.path, result=result)
+
+
+@pytest.fixture(scope="session")
+def sd_graph(tmp_path_factory):
+    """tiny-sd, patched with GRAPH_SCHEDULE, exported with the schedule baked in (dynamic shapes)."""
+    return _shared_graph(tmp_path_factory, "tiny-sd", patched=True)
+
+
+@pytest.fixture(scope="session")
+def sdxl_graph(tmp_path_factory):
+    """tiny-sdxl, unpatched, exported with GRAPH_SCHEDULE as a graph input (any table at run time)."""
+    return _shared_graph(tmp_path_factory, "tiny-sdxl", patched=False, schedule_as_input=True)
+
+
 def run_unet(unet, inputs, **overrides):
     with torch.no_grad():
         return unet(**{**inputs, **overrides}, return_dict=False)[0]

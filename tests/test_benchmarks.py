@@ -281,7 +281,8 @@ def test_gpu_check_control_flow_with_a_fake_gpu(tmp_path):
     text = run(tmp_path / "out")
     steps = text[text.index("Steps:") :]
     assert "FAILED   microbenchmarks and blend_ host cost (exit 3" in steps
-    for name in ("install", "GPU tests", "compile warm-up", "UNet step: SD1.5, CUDA graph", "UNet step: SDXL"):
+    names = ("install", "GPU tests", "torch.compile facts", "compile warm-up", "UNet step: SD1.5, CUDA graph")
+    for name in (*names, "UNet step: SDXL", "Transformer step"):
         assert f"ok       {name}" in steps, name
     assert steps.index("UNet step: SD1.5 compiled") < steps.index("UNet step: SDXL")
     assert "| target | measured | verdict |" in text and "[warm-up] fake:" in text

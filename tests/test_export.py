@@ -19,7 +19,7 @@ from bypass_kernels.export.onnx_export import (
     reference_output,
     run_onnx,
 )
-from conftest import HAS_CUDA
+from conftest import GRAPH_SCHEDULE, HAS_CUDA
 
 import bypass_kernels
 from bypass_kernels import BypassSchedule
@@ -29,20 +29,10 @@ from bypass_kernels.presets import build_unet
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-SCHEDULE = BypassSchedule.linear(0.8, t_min=300)
+SCHEDULE = GRAPH_SCHEDULE  # the schedule of the shared graphs (sd_graph, sdxl_graph in conftest)
 # fractional, x.5 ties, out of range, mixed per-sample, one for the whole batch
 TIMESTEPS = ([999.0, 500.0], [700.5], [498.5, 499.5], [2000.0, -5.0], [333.3, 0.4], [1.5])
 STANDARD_BLEND_OPS = {"Round", "Clip", "Cast", "Gather", "Sub", "Mul", "Add", "Reshape", "Unsqueeze"}
-
-
-@pytest.fixture(scope="module")
-def sd_export(tmp_path_factory):
-    unet = build_unet("tiny-sd")
-    bypass_kernels.patch(unet, SCHEDULE)  # a patched model exports with its own schedule
-    before = [(n, p.clone()) for n, p in unet.state_dict().items()]
-    path = str(tmp_path_factory.mktemp("sd") / "unet.onnx")
-    result = to_onnx(unet, path)
-    return dict(unet=unet, path=path, result=result, before=before)
 
 
 def _compare(unet, path, inputs, timesteps, tol=1e-4):
@@ -50,9 +40,9 @@ def _compare(unet, path, inputs, timesteps, tol=1e-4):
     assert err <= tol, err
 
 
-def test_graph_is_valid_and_named_like_the_tensorrt_demo(sd_export):
-    model = onnx.load(sd_export["path"])
-    onnx.checker.check_model(sd_export["path"])
+def test_graph_is_valid_and_named_like_the_tensorrt_demo(sd_graph):
+    model = onnx.load(sd_graph["path"])
+    onnx.checker.check_model(sd_graph["path"])
     inputs = {i.name: i for i in model.graph.input}
     assert list(inputs) == ["sample", "timestep", "encoder_hidden_states"]
     assert [o.name for o in model.graph.output] == ["latent"]
@@ -62,8 +52,8 @@ def test_graph_is_valid_and_named_like_the_tensorrt_demo(sd_export):
     assert inputs["sample"].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
-def test_schedule_is_a_float32_initializer_read_by_round_clip_cast_gather(sd_export):
-    model = onnx.load(sd_export["path"])
+def test_schedule_is_a_float32_initializer_read_by_round_clip_cast_gather(sd_graph):
+    model = onnx.load(sd_graph["path"])
     init = {i.name: i for i in model.graph.initializer}[SCHEDULE_NAME]
     assert init.data_type == onnx.TensorProto.FLOAT and list(init.dims) == [1000]
     table = torch.from_numpy(onnx.numpy_helper.to_array(init).copy())
@@ -87,25 +77,23 @@ def test_schedule_is_a_float32_initializer_read_by_round_clip_cast_gather(sd_exp
     assert BypassSchedule.parse(meta["bypass_kernels.schedule"]) == SCHEDULE
 
 
-def test_onnxruntime_matches_patched_pytorch(sd_export):
-    unet = sd_export["unet"]
-    _compare(unet, sd_export["path"], export_inputs(unet), TIMESTEPS)
+def test_onnxruntime_matches_patched_pytorch(sd_graph):
+    unet = sd_graph["unet"]
+    _compare(unet, sd_graph["path"], export_inputs(unet), TIMESTEPS)
 
 
-def test_export_leaves_the_model_as_it_was(sd_export):
-    unet = sd_export["unet"]
+def test_export_leaves_the_model_as_it_was(tmp_path):
+    unet = _mini_unet2d()
+    bypass_kernels.patch(unet, SCHEDULE)
+    before = [(n, p.clone()) for n, p in unet.state_dict().items()]
+    to_onnx(unet, str(tmp_path / "m.onnx"), **STATIC)
     assert bypass_kernels.get_schedule(unet) == SCHEDULE
     assert unet._bypass.backend == "auto"
-    for (name, before), (_, after) in zip(sd_export["before"], unet.state_dict().items(), strict=True):
-        assert torch.equal(before, after), name
-
-
-@pytest.fixture(scope="module")
-def sdxl_graph(tmp_path_factory):
-    unet = build_unet("tiny-sdxl")
-    path = str(tmp_path_factory.mktemp("xl") / "xl.onnx")
-    result = to_onnx(unet, path, SCHEDULE, schedule_as_input=True)
-    return dict(unet=unet, path=path, result=result)
+    for (name, was), (_, now) in zip(before, unet.state_dict().items(), strict=True):
+        assert torch.equal(was, now), name
+    plain = _mini_unet2d()
+    to_onnx(plain, str(tmp_path / "plain.onnx"), SCHEDULE, **STATIC)  # a schedule given to an unpatched model
+    assert not bypass_kernels.is_patched(plain)
 
 
 def test_sdxl_schedule_as_input_serves_any_table(sdxl_graph):
@@ -135,7 +123,20 @@ def test_sdxl_schedule_as_input_serves_any_table(sdxl_graph):
 
 
 def test_fp16_graph_keeps_a_float32_timestep(tmp_path):
-    unet = build_unet("tiny-sd")
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):  # a one-level SD-style UNet (cross-attention mid-block): a quick export
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(16,),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D",),
+            up_block_types=("UpBlock2D",),
+            cross_attention_dim=8,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ).eval()
     path = str(tmp_path / "h.onnx")
     with pytest.warns(UserWarning, match="default_schedule"):  # (fixed height and width: a quicker export)
         to_onnx(unet, path, fp16=True, dynamic_shape=False)  # unpatched, no schedule: the default, with a warning
@@ -239,12 +240,12 @@ HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not (HAS_TENSORRT and HAS_CUDA), reason="needs TensorRT and a CUDA GPU")
 @pytest.mark.parametrize("cuda_graph", [False, True])
-def test_tensorrt_engine_matches_pytorch(sd_export, tmp_path, cuda_graph):
+def test_tensorrt_engine_matches_pytorch(sd_graph, tmp_path, cuda_graph):
     from bypass_kernels.export import TensorRTUNet, build_engine
 
-    unet = sd_export["unet"]
+    unet = sd_graph["unet"]
     engine = build_engine(
-        sd_export["path"], str(tmp_path / "unet.plan"), fp16=False, batch=(1, 2, 4), resolution=(64, 128, 256)
+        sd_graph["path"], str(tmp_path / "unet.plan"), fp16=False, batch=(1, 2, 4), resolution=(64, 128, 256)
     )
     (tmp_path / "config.json").write_text(json.dumps(dict(unet.config), default=list))
     runner = TensorRTUNet(engine, cuda_graph=cuda_graph)
@@ -532,12 +533,12 @@ def test_cli_out_is_a_file(tmp_path, capsys):
 # -- profiles from the graph's named dimensions -----------------------------------------------------------
 
 
-def test_text_len_is_stored_and_drives_the_default_profile(sd_export, sdxl_graph):
+def test_text_len_is_stored_and_drives_the_default_profile(sd_graph, sdxl_graph):
     from bypass_kernels.export import default_profile
     from bypass_kernels.export.onnx_export import graph_metadata
 
-    assert graph_metadata(sd_export["path"])["text_len"] == "8" and sd_export["result"].text_len == 8
-    profile = default_profile(sd_export["path"])
+    assert graph_metadata(sd_graph["path"])["text_len"] == "8" and sd_graph["result"].text_len == 8
+    profile = default_profile(sd_graph["path"])
     assert profile["encoder_hidden_states"] == ((1, 8, 32), (2, 8, 32), (8, 8, 32))  # not 77
     assert profile["sample"] == ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 32, 32))  # 128 px exported, 64..256
     assert profile["timestep"] == ((1,), (1,), (8,))
@@ -576,11 +577,11 @@ def test_real_sd_shapes_store_77(tmp_path):
         ({"batch": "2"}, "batch.*three ints"),
     ],
 )
-def test_profile_argument_errors_name_the_input_and_range(sd_export, kwargs, match):
+def test_profile_argument_errors_name_the_input_and_range(sd_graph, kwargs, match):
     from bypass_kernels.export import default_profile
 
     with pytest.raises((ValueError, TypeError), match=match):
-        default_profile(sd_export["path"], **kwargs)
+        default_profile(sd_graph["path"], **kwargs)
 
 
 def test_profile_of_a_static_graph(tmp_path):

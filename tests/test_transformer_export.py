@@ -15,13 +15,22 @@ SCHEDULE = BypassSchedule.linear(0.8, t_min=200)
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
-    """One export per family: SD3 and PixArt with the schedule baked in, Flux with it as an input."""
+    """One export per family: SD3 and PixArt with the schedule baked in, Flux with it as an input.
+    The Flux graph is of a tiny FluxPipeline's own transformer (text length 32), which
+    test_an_onnxruntime_transformer_serves_a_flux_pipeline runs with the graph as pipe.transformer."""
+    from tiny_pipelines import flux_pipeline
+
     folder = tmp_path_factory.mktemp("graphs")
     out = {}
     for name in ("sd3", "flux", "pixart"):
-        model = tt.build(name)
+        options = {}
+        if name == "flux":
+            out["flux_pipe"] = flux_pipeline(folder)
+            model, options = out["flux_pipe"].transformer, dict(schedule_as_input=True, text_len=32)
+        else:
+            model = tt.build(name)
         patch(model, SCHEDULE, span=(0, 1))
-        result = to_onnx(model, str(folder / f"{name}.onnx"), schedule_as_input=name == "flux")
+        result = to_onnx(model, str(folder / f"{name}.onnx"), **options)
         out[name] = (model, result)
     return out
 
@@ -82,7 +91,7 @@ def test_tensorrt_profiles_follow_the_named_dimensions(graphs):
     )
     assert flux["hidden_states"] == ((1, 1024, 16), (1, 4096, 16), (4, 16384, 16))  # (pixels/16)^2 tokens
     assert flux["img_ids"] == ((1024, 3), (4096, 3), (16384, 3))
-    assert flux["encoder_hidden_states"][2] == (4, 512, 16) and flux["txt_ids"][1] == (512, 3)
+    assert flux["encoder_hidden_states"][2] == (4, 512, 32) and flux["txt_ids"][1] == (512, 3)
     assert flux["timestep"] == ((1,), (1,), (4,)) and "bypass_schedule" not in flux
     sd3 = default_profile(graphs["sd3"][1].path, batch=2, resolution=(512, 1024, 1024))
     assert sd3["hidden_states"] == ((2, 4, 64, 64), (2, 4, 128, 128), (2, 4, 128, 128))
@@ -90,13 +99,10 @@ def test_tensorrt_profiles_follow_the_named_dimensions(graphs):
         default_profile(graphs["sd3"][1].path, image_tokens=16)
 
 
-def test_an_onnxruntime_transformer_serves_a_flux_pipeline(graphs, tmp_path):
-    from tiny_pipelines import DIT_CALL, flux_pipeline
+def test_an_onnxruntime_transformer_serves_a_flux_pipeline(graphs):
+    from tiny_pipelines import DIT_CALL
 
-    pipe = flux_pipeline(tmp_path)
-    # the pipeline's own transformer is the one exported: re-export it with the pipeline's widths
-    patch(pipe, SCHEDULE, span=(0, 1))
-    result = to_onnx(pipe.transformer, str(tmp_path / "pipe.onnx"), text_len=32)
+    pipe, (_, result) = graphs["flux_pipe"], graphs["flux"]  # its transformer patched, span (0, 1)
 
     def images():
         with torch.no_grad():
@@ -112,7 +118,7 @@ def test_an_onnxruntime_transformer_serves_a_flux_pipeline(graphs, tmp_path):
 
     expected = images()
     patched_transformer = pipe.transformer
-    pipe.transformer = OnnxRuntimeTransformer(result.path)
+    pipe.transformer = OnnxRuntimeTransformer(result.path, schedule=SCHEDULE)  # the table is a graph input
     try:
         got = images()
     finally:
