@@ -28,7 +28,24 @@ HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu  # skipped where no GPU is visible (below), selected by `-m gpu`
 
 
+# The longest files first: `--dist loadfile` hands out files in collection order, and a long file
+# handed out last keeps one worker busy while the other idles.
+LONGEST_FIRST = (
+    "test_transformer_export.py",
+    "test_export.py",
+    "test_export_runtime.py",
+    "test_models_compile.py",
+    "test_bias_experiment.py",
+    "test_transformers.py",
+    "test_attach.py",
+    "test_compile.py",
+    "test_codegen.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -1,7 +1,7 @@
 """torch.compile on patched UNets (Inductor on the CPU here; the GPU parts run in benchmarks/gpu_check.sh).
 
 Compiles are slow on two cores, so each compiled model is built once and shared by several checks. The
-tests of Inductor's code (its output, its kernel count) share one Inductor compile of tiny-sd; the tests
+tests of Inductor's code (its output, its kernel count) share one Inductor compile of a one-level SD UNet; the tests
 of Dynamo's rules (graph breaks, recompiles) use the AOT-eager backend, which traces the same graph
 (Dynamo, then AOTAutograd's functionalization of the in-place blend) without generating C++.
 """
@@ -9,6 +9,7 @@ of Dynamo's rules (graph breaks, recompiles) use the AOT-eager backend, which tr
 import pytest
 import torch
 from conftest import example_inputs, gpu, hand_hook, run_unet
+from tiny_models import one_level_sd
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor import metrics
 
@@ -36,8 +37,9 @@ def loop_inputs(unet, timesteps, batch=2):
 
 @pytest.fixture(scope="module")
 def sd_compiled():
-    """tiny-sd compiled unpatched and patched, over a loop of different timesteps."""
-    unet = build_unet("tiny-sd")
+    """A one-level SD-style UNet compiled unpatched and patched with Inductor, over a loop of
+    different timesteps (the smallest model with a cross-attention mid-block: a quicker compile)."""
+    unet = one_level_sd()
     timesteps = [torch.tensor(t) for t in (999, 857, 714, 571, 428, 285, 142, 0)]
     calls = loop_inputs(unet, timesteps)
     _, _, plain_kernels, _, _ = compiled_run(unet, calls[:1])
@@ -127,7 +129,7 @@ def test_per_sample_and_float_timesteps_compile_once_more_at_most(sd_compiled):
 
 def test_sdxl_shaped_fullgraph_no_recompile():
     """SDXL's added conditioning traces in one graph with no recompile across timesteps (Dynamo's rules:
-    AOT-eager; Inductor's code is checked on tiny-sd above)."""
+    AOT-eager; Inductor's code is checked on a one-level SD UNet above)."""
     unet = bypass_kernels.patch(build_unet("tiny-sdxl"), SCHEDULE)
     calls = loop_inputs(unet, [torch.tensor(t) for t in (999, 640, 320, 0)])
     outputs, frames, _, _, _ = compiled_run(unet, calls, backend="aot_eager")

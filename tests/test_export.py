@@ -20,6 +20,7 @@ from bypass_kernels.export.onnx_export import (
     run_onnx,
 )
 from conftest import GRAPH_SCHEDULE, HAS_CUDA
+from tiny_models import one_level_sd
 
 import bypass_kernels
 from bypass_kernels import BypassSchedule
@@ -123,20 +124,7 @@ def test_sdxl_schedule_as_input_serves_any_table(sdxl_graph):
 
 
 def test_fp16_graph_keeps_a_float32_timestep(tmp_path):
-    from diffusers import UNet2DConditionModel
-
-    with torch.random.fork_rng(devices=[]):  # a one-level SD-style UNet (cross-attention mid-block): a quick export
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            block_out_channels=(16,),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D",),
-            up_block_types=("UpBlock2D",),
-            cross_attention_dim=8,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        ).eval()
+    unet = one_level_sd()  # quick to export
     path = str(tmp_path / "h.onnx")
     with pytest.warns(UserWarning, match="default_schedule"):  # (fixed height and width: a quicker export)
         to_onnx(unet, path, fp16=True, dynamic_shape=False)  # unpatched, no schedule: the default, with a warning

@@ -108,6 +108,25 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
 FRAME_DIM = {"UNet3DConditionModel": 2, "UNetMotionModel": 2, "I2VGenXLUNet": 2, "UNetSpatioTemporalConditionModel": 1}
 
 
+def one_level_sd(*, seed: int = 0):
+    """The smallest SD-style UNet2DConditionModel: one level, a cross-attention mid-block, no
+    up/down-sampling. Quick to compile and export where what is tested is not the model's size."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(16,),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D",),
+            up_block_types=("UpBlock2D",),
+            cross_attention_dim=8,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ).eval()
+
+
 def build_tiny_model(name: str, *, seed: int = 0):
     """A tiny model of ``TINY_MODELS`` with seeded random weights, float32, on the CPU, in eval mode."""
     if name not in TINY_MODELS:
