@@ -95,20 +95,44 @@ def export_inputs(unet: nn.Module, *, batch: int = 2, dtype: torch.dtype | None 
     return named
 
 
+def trace_to_onnx(wrapper: nn.Module, inputs: dict, path: str, *, dynamic_shapes, opset: int, **options) -> None:
+    """``wrapper(**inputs)`` to an ONNX graph at ``path`` (torch.export, weights in an external data
+    file), inputs named as the keys of ``inputs``, the output :data:`OUTPUT_NAME`. ``options`` go to
+    ``torch.onnx.export`` (a transformer's custom translations)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            (),
+            path,
+            kwargs=inputs,
+            input_names=list(inputs),
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            dynamo=True,
+            external_data=True,
+            verbose=False,
+            **options,
+        )
+
+
 def _downsampling_factor(unet: nn.Module) -> int:
     blocks = getattr(unet, "down_blocks", [])
     return 2 ** sum(1 for b in blocks if getattr(b, "downsamplers", None))
 
 
-MAX_BATCH = 63
+# The batch range torch.export traces a UNet over. diffusers' upsamplers branch at a batch of 64
+# (.contiguous() before interpolate), so the trace holds one branch; declaring the range torch.export
+# would narrow it to saves a second trace. The ONNX graph itself has no bound (in ONNX the branch is
+# a no-op): TensorRT profiles are checked against profiles.MAX_BATCH.
+TRACE_MAX_BATCH = 63
 
 
 def _dynamic_shapes(names, *, factor: int, dynamic_batch: bool, dynamic_shape: bool):
     Dim = torch.export.Dim
-    # diffusers' upsamplers branch at a batch of 64 (.contiguous() before interpolate): a graph holds
-    # one branch, and declaring the range torch.export would narrow it to saves a second trace
-    batch = Dim("batch", min=1, max=MAX_BATCH)
-    count = Dim("timestep_count", min=1, max=MAX_BATCH)  # one graph takes [1] and [batch]
+    batch = Dim("batch", min=1, max=TRACE_MAX_BATCH)
+    count = Dim("timestep_count", min=1, max=TRACE_MAX_BATCH)  # one graph takes [1] and [batch]
     specs: dict[str, dict[int, object]] = {}
     for name in names:
         spec: dict[int, object] = {}
@@ -338,21 +362,7 @@ def export_to_staging(
         factor = _downsampling_factor(source)
         dynamic = _dynamic_shapes(inputs, factor=factor, dynamic_batch=dynamic_batch, dynamic_shape=dynamic_shape)
         staged = stage.file(name)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapper,
-                (),
-                staged,
-                kwargs=inputs,
-                input_names=list(inputs),
-                output_names=[OUTPUT_NAME],
-                dynamic_shapes=dynamic,
-                opset_version=opset,
-                dynamo=True,
-                external_data=True,
-                verbose=False,
-            )
+        trace_to_onnx(wrapper, inputs, staged, dynamic_shapes=dynamic, opset=opset)
         meta = {
             "fp16": str(fp16).lower(),
             "latent_size": str(inputs["sample"].shape[2]),

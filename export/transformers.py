@@ -31,6 +31,7 @@ from bypass_kernels.export.onnx_export import (
     check_tolerance,
     graph_metadata,
     onnxruntime_session,
+    trace_to_onnx,
 )
 from torch import nn
 
@@ -281,22 +282,14 @@ def to_onnx(
         patch = int(getattr(source.config, "patch_size", 1) or 1)
         dynamic = _dynamic_shapes(named, patch=patch, dynamic_batch=dynamic_batch, dynamic_shape=dynamic_shape)
         staged = stage.file(name)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapper,
-                (),
-                staged,
-                kwargs=named,
-                input_names=list(named),
-                output_names=[OUTPUT_NAME],
-                dynamic_shapes=dynamic,
-                opset_version=opset,
-                dynamo=True,
-                external_data=True,
-                verbose=False,
-                custom_translation_table={torch.ops.aten.squeeze.dim: _squeeze_dim},
-            )
+        trace_to_onnx(
+            wrapper,
+            named,
+            staged,
+            dynamic_shapes=dynamic,
+            opset=opset,
+            custom_translation_table={torch.ops.aten.squeeze.dim: _squeeze_dim},
+        )
         meta = {
             "fp16": str(fp16).lower(),
             "family": family_name(source),

@@ -76,18 +76,7 @@ _TINY_SVD = dict(  # Stable Video Diffusion; sample (B, F, C, H, W), image laten
     num_frames=4,
 )
 
-_TINY_I2VGEN_XL = dict(  # I2VGen-XL; sample (B, C, F, H, W)
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-    cross_attention_dim=32,
-    attention_head_dim=4,
-    norm_num_groups=32,
-)
+_TINY_I2VGEN_XL = {**_TINY_UNET3D, "attention_head_dim": 4}  # I2VGen-XL; sample (B, C, F, H, W)
 
 # name -> (diffusers class, config). "motion" is built from the "sd" UNet and a MotionAdapter.
 TINY_MODELS: dict[str, tuple[str, dict]] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import tiny_transformers
 import torch
 
 from bypass_kernels.presets import build_unet
@@ -210,7 +211,7 @@ def tiny_t5(max_len: int = 32, d_model: int = 32):
 
 def sd3_pipeline(folder, *, num_layers: int = 4):
     """StableDiffusion3Pipeline: two CLIP encoders with projection and a T5, an SD3 transformer."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -219,19 +220,14 @@ def sd3_pipeline(folder, *, num_layers: int = 4):
         tok1, te1 = tiny_text_encoder(folder / "clip1", 16, projection=16)
         tok2, te2 = tiny_text_encoder(folder / "clip2", 16, projection=16)
         tok3, te3 = tiny_t5()
-        transformer = SD3Transformer2DModel(
+        transformer = tiny_transformers.build(
+            "sd3",
             sample_size=16,
-            patch_size=2,
-            in_channels=4,
             num_layers=num_layers,
-            attention_head_dim=8,
-            num_attention_heads=2,
             joint_attention_dim=32,  # T5's width (the CLIP states are concatenated and padded to it)
-            caption_projection_dim=16,
             pooled_projection_dim=32,  # the two CLIP projections side by side
-            out_channels=4,
             pos_embed_max_size=16,
-        ).eval()
+        )
         vae = tiny_vae(shift_factor=0.0)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -250,24 +246,13 @@ def sd3_pipeline(folder, *, num_layers: int = 4):
 
 def flux_pipeline(folder):
     """FluxPipeline with a dynamically shifting flow-matching scheduler (as FLUX.1-dev's)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         tok1, te1 = tiny_text_encoder(folder, 16)
         tok2, te2 = tiny_t5()
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,  # 4 latent channels, packed 2x2
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=16,
-            guidance_embeds=True,
-            axes_dims_rope=(2, 2, 4),
-        ).eval()
+        transformer = tiny_transformers.build("flux", joint_attention_dim=32)  # T5's width
         vae = tiny_vae(shift_factor=0.0)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0,
@@ -291,23 +276,12 @@ def flux_pipeline(folder):
 
 
 def pixart_sigma_pipeline(folder):
-    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         tokenizer, text_encoder = tiny_t5()
-        transformer = PixArtTransformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=8,
-            num_layers=3,
-            cross_attention_dim=16,
-            sample_size=16,
-            patch_size=2,
-            caption_channels=32,
-            use_additional_conditions=False,
-        ).eval()
+        transformer = tiny_transformers.build("pixart", sample_size=16, caption_channels=32)  # T5's width
         vae = tiny_vae()
     pipe = PixArtSigmaPipeline(
         tokenizer=tokenizer,
