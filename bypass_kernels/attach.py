@@ -60,6 +60,11 @@ _HOST = torch.device("cpu")
 # frame's writes to it in the calling thread; writes to a subclass's instance would be lost.)
 _CALLS = threading.local()
 _STACK_DEPTH = 16  # frames between a hook and the model's forward: _call_impl layers, checkpointing
+# How many table_for_calls are open, in all threads. The span end reads ``_CALLS.table`` only while
+# one is: compiled code that read the absent attribute would check its absence on every call (an
+# AttributeError raised and cleared each time, about 6k instructions).
+_OPEN_OVERRIDES = 0
+_OVERRIDES_LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------- what to attach to
@@ -187,8 +192,10 @@ class LeaveSpan:
         _, timestep, _, entered, versions = call
         if versions is not None:
             _check_unchanged(entered, versions)
-        override = getattr(_CALLS, "table", None)
-        table = override[1] if override is not None and override[0] == self.token else None
+        table = None
+        if _OPEN_OVERRIDES:
+            override = getattr(_CALLS, "table", None)
+            table = override[1] if override is not None and override[0] == self.token else None
         controller = self.controller
         if self.single:
             return controller.blend(block, output, entered[0], timestep, table)
@@ -299,11 +306,16 @@ class BypassController:
     @contextlib.contextmanager
     def table_for_calls(self, table: torch.Tensor) -> Iterator[None]:
         """Blend with ``table`` instead of the schedule's, in this thread, for the block's calls."""
+        global _OPEN_OVERRIDES
         previous = getattr(_CALLS, "table", None)
         _CALLS.table = (self.token, table)
+        with _OVERRIDES_LOCK:
+            _OPEN_OVERRIDES += 1
         try:
             yield
         finally:
+            with _OVERRIDES_LOCK:
+                _OPEN_OVERRIDES -= 1
             _CALLS.table = previous
 
     # ----------------------------------------------------------------- the pipeline

@@ -300,6 +300,35 @@ def test_dynamo_does_not_see_new_hooks_but_sees_a_swapped_submodule_class():
     assert torch.equal(compiled(x, t), before)
 
 
+def test_compiled_code_never_checks_that_the_record_lacks_an_attribute():
+    """The guards of a compiled patched model test no attribute's absence on the per-thread record:
+    such a check raises and clears an AttributeError on every call (about 6k instructions). Read from
+    Dynamo's guard log; the log must show the guards at all (a TENSOR_MATCH), or the test says nothing."""
+    import logging
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("torch._dynamo.guards.__guards")
+    torch._logging.set_logs(guards=True)
+    logger.addHandler(handler)
+    try:
+        torch._dynamo.reset()
+        model = Toy().eval()
+        patch(model, SCHEDULE)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            compiled(torch.randn(2, 4, 3, 3), torch.tensor([800.0, 100.0]))
+    finally:
+        logger.removeHandler(handler)
+        torch._logging.set_logs()
+        torch._dynamo.reset()
+    log = "\n".join(lines)
+    assert "TENSOR_MATCH" in log
+    absent = [line for line in log.splitlines() if "NO_HASATTR" in line and "_CALLS" in line]
+    assert not absent, absent
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @gpu
 def test_compile_then_patch_then_cuda_graph_capture(unet):
