@@ -351,7 +351,7 @@ def ship_checkpoint(final: str, spec, command: str, report: dict | None, classif
     return target
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits", choices=datasets.NAMES)
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3])
@@ -379,7 +379,7 @@ def main() -> None:
     parser.add_argument(
         "--finished-only", action="store_true", help="train nothing: evaluate the models already trained to the end"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)

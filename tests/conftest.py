@@ -31,15 +31,16 @@ gpu = pytest.mark.gpu  # skipped where no GPU is visible (below), selected by `-
 # The longest files first: `--dist loadfile` hands out files in collection order, and a long file
 # handed out last keeps one worker busy while the other idles.
 LONGEST_FIRST = (
-    "test_transformer_export.py",
     "test_export.py",
-    "test_export_runtime.py",
+    "test_transformer_export.py",
     "test_models_compile.py",
-    "test_bias_experiment.py",
     "test_transformers.py",
-    "test_attach.py",
     "test_compile.py",
+    "test_export_runtime.py",
     "test_codegen.py",
+    "test_attach.py",
+    "test_offload.py",
+    "test_bias_experiment.py",
 )
 
 
