@@ -1,5 +1,6 @@
 """The span bypass on diffusers transformers (DiTs): SD3, Flux, PixArt, Sana, Wan, CogVideoX,
-HunyuanVideo, each tiny, against hand-written hooks and against the model with its span deleted."""
+HunyuanVideo, LTX-Video, Mochi, QwenImage, each tiny, against hand-written hooks and against the
+model with its span deleted."""
 
 import copy
 import pickle
@@ -24,9 +25,20 @@ LISTS = {
     "wan": ("blocks",),
     "cogvideox": ("transformer_blocks",),
     "hunyuanvideo": ("transformer_blocks", "single_transformer_blocks"),
+    "ltx": ("transformer_blocks",),
+    "mochi": ("transformer_blocks",),
+    "qwenimage": ("transformer_blocks",),
 }
-RETURNS = {"sd3": (1, 0), "flux": (1, 0), "cogvideox": (0, 1), "hunyuanvideo": (0, 1)}  # (hidden, text) indices
-TABLE_UNITS = {"flux": 1000.0}  # Flux pipelines pass t/1000; the model multiplies by 1000 inside
+RETURNS = {  # (hidden, text) indices
+    "sd3": (1, 0),
+    "flux": (1, 0),
+    "cogvideox": (0, 1),
+    "hunyuanvideo": (0, 1),
+    "mochi": (0, 1),
+    "qwenimage": (1, 0),
+}
+# Flux pipelines pass t/1000 (the model multiplies by 1000 inside); QwenImage's pass σ = t/1000 as is
+TABLE_UNITS = {"flux": 1000.0, "qwenimage": 1000.0}
 
 
 def blocks(model, name):
@@ -98,7 +110,7 @@ def without_span(model, name, i, j, kwargs):
 
 
 def timesteps_for(name):
-    return [0.9, 0.3] if name == "flux" else [900.0, 300.0]
+    return [0.9, 0.3] if name in TABLE_UNITS else [900.0, 300.0]
 
 
 @pytest.fixture(scope="module", params=tt.NAMES)
@@ -108,7 +120,7 @@ def family(request):
 
 @pytest.fixture(autouse=True)
 def _unpatched(request):
-    # diffusers wraps every model's forward in one decorator: compiled code of all seven families
+    # diffusers wraps every model's forward in one decorator: compiled code of all ten families
     # would share that code object's cache (8 entries) within this one test process
     torch._dynamo.reset()
     yield

@@ -119,6 +119,45 @@ CONFIGS = {
             rope_axes_dim=(2, 2, 4),
         ),
     ),
+    "ltx": (
+        "LTXVideoTransformer3DModel",
+        dict(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            cross_attention_dim=16,
+            num_layers=3,
+            caption_channels=16,
+        ),
+    ),
+    "mochi": (
+        "MochiTransformer3DModel",
+        dict(
+            patch_size=2,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=3,
+            pooled_projection_dim=16,
+            in_channels=4,
+            text_embed_dim=16,
+            time_embed_dim=8,
+            max_sequence_length=5,
+        ),
+    ),
+    "qwenimage": (
+        "QwenImageTransformer2DModel",
+        dict(
+            patch_size=2,
+            in_channels=16,
+            out_channels=4,
+            num_layers=3,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            axes_dims_rope=(2, 2, 4),
+        ),
+    ),
 }
 
 NAMES = tuple(CONFIGS)
@@ -133,7 +172,8 @@ def build(name: str, *, seed: int = 0, **overrides) -> torch.nn.Module:
 
 
 def inputs(name: str, timestep, *, batch: int = 2, seed: int = 1) -> dict:
-    """Keyword arguments for one forward; ``timestep`` in the units the pipeline passes (Flux: t/1000)."""
+    """Keyword arguments for one forward; ``timestep`` in the units the pipeline passes (Flux and
+    QwenImage: t/1000)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -179,6 +219,31 @@ def inputs(name: str, timestep, *, batch: int = 2, seed: int = 1) -> dict:
             encoder_attention_mask=torch.ones(batch, 5),
             pooled_projections=rand(batch, 8),
             guidance=torch.full((batch,), 6000.0),
+        )
+    if name == "ltx":  # packed video tokens: 2 frames of 4x4
+        return dict(
+            hidden_states=rand(batch, 2 * 4 * 4, 4),
+            encoder_hidden_states=text,
+            timestep=t,
+            encoder_attention_mask=torch.ones(batch, 5),
+            num_frames=2,
+            height=4,
+            width=4,
+        )
+    if name == "mochi":
+        return dict(
+            hidden_states=rand(batch, 4, 2, 8, 8),
+            encoder_hidden_states=text,
+            timestep=t,
+            encoder_attention_mask=torch.ones(batch, 5),
+        )
+    if name == "qwenimage":  # packed latents: 4x4 patches of 2x2x4 channels
+        return dict(
+            hidden_states=rand(batch, 16, 16),
+            encoder_hidden_states=text,
+            encoder_hidden_states_mask=torch.ones(batch, 5),
+            timestep=t,
+            img_shapes=[[(1, 4, 4)]] * batch,
         )
     raise KeyError(name)
 
