@@ -1,0 +1,67 @@
+"""A pytest plugin that patches every diffusers UNet with a mid-block as it is built, so diffusers'
+own model tests run on patched UNets ("the peer suite"). Those tests are not shipped with diffusers'
+wheel or sdist; run them from a checkout of diffusers' repository at a version near the installed one:
+
+    PYTHONPATH=tests/peer python -m pytest -p bypass_peer <diffusers checkout>/tests/models/unets
+
+(they also need ``parameterized`` and ``requests_mock``). Each UNet is patched at the end of its
+``__init__`` with ``BypassSchedule.constant(BYPASS_PEER_LAMBDA)`` (default 0.3: the blend is active
+at every timestep, so a test sees a patched model whatever timestep it uses). Compare the outcome
+with the same command without ``-p bypass_peer``: every test should end the same. The summary
+ends with the number of UNets patched, pytest-xdist workers included.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import diffusers
+import pytest
+
+import bypass_kernels
+
+SCHEDULE = bypass_kernels.BypassSchedule.constant(float(os.environ.get("BYPASS_PEER_LAMBDA", "0.3")))
+CLASSES = (
+    "UNet2DModel",
+    "UNet2DConditionModel",
+    "UNet3DConditionModel",
+    "UNetMotionModel",
+    "UNetSpatioTemporalConditionModel",
+    "I2VGenXLUNet",
+)
+PATCHED = {name: 0 for name in CLASSES}
+
+
+def _patch_on_init(cls: type) -> None:
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        # A subclass's own __init__ finishes after this one: it is patched there, once built.
+        if type(self) is cls and getattr(self, "mid_block", None) is not None:
+            bypass_kernels.patch(self, SCHEDULE)
+            PATCHED[cls.__name__] += 1
+
+    cls.__init__ = __init__
+
+
+for _name in CLASSES:
+    _patch_on_init(getattr(diffusers, _name))
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # a pytest-xdist worker: hand the counts to the controller
+        session.config.workeroutput["bypass_peer"] = dict(PATCHED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    for name, n in getattr(node, "workeroutput", {}).get("bypass_peer", {}).items():
+        PATCHED[name] += n
+
+
+def pytest_terminal_summary(terminalreporter):
+    counts = ", ".join(f"{name} {n}" for name, n in PATCHED.items() if n)
+    terminalreporter.write_line(f"bypass_peer: UNets patched: {counts or 'none'}")
