@@ -20,16 +20,12 @@ import diffusers
 import pytest
 
 import bypass_kernels
+from bypass_kernels import targets
 
 SCHEDULE = bypass_kernels.BypassSchedule.constant(float(os.environ.get("BYPASS_PEER_LAMBDA", "0.3")))
-CLASSES = (
-    "UNet2DModel",
-    "UNet2DConditionModel",
-    "UNet3DConditionModel",
-    "UNetMotionModel",
-    "UNetSpatioTemporalConditionModel",
-    "I2VGenXLUNet",
-)
+# The UNet classes the package patches: those whose timestep module it knows, and I2VGenXL (whose
+# timestep is read from its own argument).
+CLASSES = (*sorted(targets.UNET_CARRIERS), "I2VGenXLUNet")
 PATCHED = {name: 0 for name in CLASSES}
 
 
