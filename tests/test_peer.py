@@ -7,6 +7,7 @@ import sys
 import diffusers
 
 import bypass_kernels
+from bypass_kernels.presets import build_unet
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer")
 
@@ -17,14 +18,7 @@ def test_the_plugin_patches_every_unet_a_test_builds(monkeypatch):
     inits = {name: getattr(diffusers, name).__init__ for name in ("UNet2DModel", "UNet2DConditionModel")}
     try:
         peer = importlib.import_module("bypass_peer")  # wraps the UNet classes' __init__ on import
-        unet = diffusers.UNet2DModel(
-            sample_size=8,
-            block_out_channels=(8,),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D",),
-            up_block_types=("UpBlock2D",),
-            norm_num_groups=8,
-        )
+        unet = build_unet("tiny-unet2d")  # a diffusers UNet2DModel, built as any test would
         assert type(unet) is diffusers.UNet2DModel and bypass_kernels.is_patched(unet)
         assert bypass_kernels.get_schedule(unet).weight(999.0) == 0.25
         assert peer.PATCHED["UNet2DModel"] == 1 and peer.PATCHED["UNet2DConditionModel"] == 0
