@@ -11,9 +11,9 @@ patched output is ``m + λ(t)·(h − m)``. A :class:`BypassController` attaches
 - :class:`EnterSpan`, a pre-hook on block i, keeps the streams h;
 - :class:`LeaveSpan`, a hook on block j, blends each stream of its output.
 
-The values travel in ``_CALLS.call``, a ``threading.local`` attribute tagged with the
+The values travel in the entry ``call`` of a ``threading.local``'s dict, tagged with the
 controller's token: the carrier sets it, the span start extends it, the span end reads it and
-clears it. Under torch.compile the hooks of submodules run inside the model's own compiled frame,
+deletes it. Under torch.compile the hooks of submodules run inside the model's own compiled frame,
 so the timestep is data flow of that frame, shared with no other call or thread, and the frame
 gains no frame of its own (hooks on the model itself run outside the frame ``torch.compile(model)``
 compiles, one Python call per step). The hooks share nothing but that global and constants:
@@ -55,12 +55,15 @@ _HOST = torch.device("cpu")
 # constant that compiled code shares across instances, copies and patches of one class (a token per
 # controller would make every new patch recompile code shared by a class). ``call``: (token, timestep,
 # frame id) from the carrier, then (token, timestep, frame id, streams, versions) from the span start.
-# ``table``: (token, table) from table_for_calls. Read with getattr(..., None): a thread that has
-# not set them yet has no such attribute. (A plain ``threading.local()``: Dynamo replays a compiled
-# frame's writes to it in the calling thread; writes to a subclass's instance would be lost.)
+# ``table``: (token, table) from table_for_calls. Written and read as entries of ``_CALLS.__dict__``
+# (this thread's dict), absent between calls: a compiled frame that adds the entry and deletes it
+# again writes nothing back after its graph. Setting an attribute to None instead made Dynamo write
+# it back on every call through a path that raises and clears an AttributeError on a threading.local.
+# (A plain ``threading.local()``: Dynamo replays a compiled frame's writes to it in the calling
+# thread; writes to a subclass's instance would be lost.)
 _CALLS = threading.local()
 _STACK_DEPTH = 16  # frames between a hook and the model's forward: _call_impl layers, checkpointing
-# How many table_for_calls are open, in all threads. The span end reads ``_CALLS.table`` only while
+# How many table_for_calls are open, in all threads. The span end reads the entry ``table`` only while
 # one is: compiled code that read the absent attribute would check its absence on every call (an
 # AttributeError raised and cleared each time, about 6k instructions).
 _OPEN_OVERRIDES = 0
@@ -119,11 +122,11 @@ class KeepTimestep:
         if self.scale != 1.0:
             timestep = timestep * self.scale
         if is_compiling():
-            _CALLS.call = (self.token, timestep, None)
+            _CALLS.__dict__["call"] = (self.token, timestep, None)
         else:
             self.controller.check_pipeline()
             frame = id(sys._getframe(2)) if own_call else self.controller.owner_frame()
-            _CALLS.call = (self.token, timestep, frame)
+            _CALLS.__dict__["call"] = (self.token, timestep, frame)
 
 
 class KeepModelTimestep(KeepTimestep):
@@ -157,12 +160,12 @@ class EnterSpan:
         self.clone = controller.clone_inputs
 
     def __call__(self, block, args, kwargs):
-        call = getattr(_CALLS, "call", None)
+        call = _CALLS.__dict__.get("call")
         if call is None or call[0] != self.token:  # block i called on its own, outside a model call
             return
         timestep, frame = call[1], call[2]
         if not is_compiling() and frame is not None and not _on_stack(frame):
-            _CALLS.call = None  # left by a model call that raised before the span end: not this call's
+            del _CALLS.__dict__["call"]  # left by a model call that raised before the span end: not this call's
             return
         streams = tuple(kwargs[n] if n in kwargs else (args[p] if len(args) > p else None) for n, p in self.streams)
         versions = None
@@ -170,7 +173,7 @@ class EnterSpan:
             streams = tuple(s.clone() if isinstance(s, Tensor) else s for s in streams)
         elif not is_compiling():  # Dynamo cannot branch on version counters; inference tensors have none
             versions = tuple(s._version if isinstance(s, Tensor) and not s.is_inference() else None for s in streams)
-        _CALLS.call = (self.token, timestep, frame, streams, versions)
+        _CALLS.__dict__["call"] = (self.token, timestep, frame, streams, versions)
 
 
 class LeaveSpan:
@@ -183,10 +186,10 @@ class LeaveSpan:
         self.outputs = tuple((s.output_index, s.blend) for s in controller.span.streams)
 
     def __call__(self, block, args, kwargs, output):
-        call = getattr(_CALLS, "call", None)
+        call = _CALLS.__dict__.get("call")
         if call is None or call[0] != self.token:
             return None
-        _CALLS.call = None  # in a compiled frame the record ends as it began: one write back
+        del _CALLS.__dict__["call"]  # the record ends as it began: absent (nothing for compiled code to write back)
         if len(call) < 5:  # block j called on its own
             return None
         _, timestep, _, entered, versions = call
@@ -194,7 +197,7 @@ class LeaveSpan:
             _check_unchanged(entered, versions)
         table = None
         if _OPEN_OVERRIDES:
-            override = getattr(_CALLS, "table", None)
+            override = _CALLS.__dict__.get("table")
             table = override[1] if override is not None and override[0] == self.token else None
         controller = self.controller
         if self.single:

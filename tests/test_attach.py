@@ -300,33 +300,50 @@ def test_dynamo_does_not_see_new_hooks_but_sees_a_swapped_submodule_class():
     assert torch.equal(compiled(x, t), before)
 
 
-def test_compiled_code_never_checks_that_the_record_lacks_an_attribute():
-    """The guards of a compiled patched model test no attribute's absence on the per-thread record:
-    such a check raises and clears an AttributeError on every call (about 6k instructions). Read from
-    Dynamo's guard log; the log must show the guards at all (a TENSOR_MATCH), or the test says nothing."""
+def _dynamo_log_of_a_compiled_patched(model, inputs, artifact: str, logger_name: str) -> str:
+    """What Dynamo logs under ``artifact`` while compiling ``model``, patched (eager backend, one call)."""
     import logging
 
     lines = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("torch._dynamo.guards.__guards")
-    torch._logging.set_logs(guards=True)
+    logger = logging.getLogger(logger_name)
+    torch._logging.set_logs(**{artifact: True})
     logger.addHandler(handler)
     try:
         torch._dynamo.reset()
-        model = Toy().eval()
         patch(model, SCHEDULE)
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         with torch.no_grad():
-            compiled(torch.randn(2, 4, 3, 3), torch.tensor([800.0, 100.0]))
+            compiled(**inputs)
     finally:
         logger.removeHandler(handler)
         torch._logging.set_logs()
         torch._dynamo.reset()
-    log = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def test_compiled_code_never_checks_that_the_record_lacks_an_attribute():
+    """The guards of a compiled patched model test no attribute's absence on the per-thread record:
+    such a check raises and clears an AttributeError on every call (about 6k instructions). Read from
+    Dynamo's guard log; the log must show the guards at all (a TENSOR_MATCH), or the test says nothing."""
+    inputs = dict(sample=torch.randn(2, 4, 3, 3), timestep=torch.tensor([800.0, 100.0]))
+    log = _dynamo_log_of_a_compiled_patched(Toy().eval(), inputs, "guards", "torch._dynamo.guards.__guards")
     assert "TENSOR_MATCH" in log
     absent = [line for line in log.splitlines() if "NO_HASATTR" in line and "_CALLS" in line]
     assert not absent, absent
+
+
+def test_compiled_code_writes_nothing_back_after_its_graph():
+    """The hooks add the per-thread record and delete it within the frame, so the compiled code has no
+    write to replay after its graph (setting it to None was replayed on every call, through a path that
+    raises and clears an AttributeError on a threading.local). Read from the UNet frame's final bytecode."""
+    unet = build_unet("tiny-unet2d")
+    inputs = example_inputs(unet, batch=2, timestep=torch.tensor([800.0, 100.0]))
+    log = _dynamo_log_of_a_compiled_patched(unet, inputs, "bytecode", "torch._dynamo.convert_frame.__bytecode")
+    modified = log[log.index("MODIFIED BYTECODE") :]  # must be there, or the test says nothing
+    assert "__compiled_fn" in modified
+    assert "_CALLS" not in modified, modified  # (the model's own output object is written: not ours)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
