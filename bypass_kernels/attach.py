@@ -100,8 +100,10 @@ class Carrier:
     """Where the timestep is read. ``module`` None: the model's own argument ``arg`` (name, position)."""
 
     module: nn.Module | None
-    scale: float = 1.0  # table units per unit the carrier receives
+    scale: float = 1.0  # table units per unit the carrier receives: table t = offset + scale · t
     arg: tuple[str, int] = ("timestep", 1)
+    offset: float = 0.0  # Mochi's model receives 1000 − t: offset 1000, scale −1
+    first_half: bool = False  # QwenImage with zero_cond_t embeds [t, 0·t] (the image, its reference): λ from t
 
 
 # --------------------------------------------------------------------- the hooks
@@ -112,6 +114,8 @@ class KeepTimestep:
         self.controller = controller
         self.token = controller.token
         self.scale = controller.carrier.scale
+        self.offset = controller.carrier.offset
+        self.first_half = controller.carrier.first_half
 
     def __call__(self, carrier, args):
         self.keep(args[0], own_call=False)
@@ -119,12 +123,14 @@ class KeepTimestep:
     def keep(self, timestep, *, own_call: bool) -> None:
         """Start this call's record. ``own_call``: the hook runs in the model's own call (a pre-hook on
         the model), whose frame lives until its forward returns; else the forward's frame is found."""
-        if self.scale != 1.0:
-            timestep = timestep * self.scale
+        if self.first_half:
+            timestep = timestep[: timestep.shape[0] // 2]
+        if self.scale != 1.0 or self.offset != 0.0:  # in float32: a bfloat16 product can miss its index
+            timestep = timestep.float() * self.scale + self.offset
         if is_compiling():
             _CALLS.__dict__["call"] = (self.token, timestep, None)
         else:
-            self.controller.check_pipeline()
+            self.controller.check_call()
             frame = id(sys._getframe(2)) if own_call else self.controller.owner_frame()
             _CALLS.__dict__["call"] = (self.token, timestep, frame)
 
@@ -334,6 +340,18 @@ class BypassController:
         if pipeline is not None:
             check_scheduler_T(pipeline, self.schedule)
 
+    def check_call(self) -> None:
+        """Before an eager call: the pipeline's scheduler, and no gradient checkpointing of the span."""
+        owner = self.owner
+        checkpointing = owner.training and getattr(owner, "gradient_checkpointing", False) and torch.is_grad_enabled()
+        if checkpointing and not hasattr(owner, "mid_block"):  # a transformer checkpoints whole blocks, hooks included
+            raise ValueError(
+                f"bypass_kernels: {type(owner).__name__} recomputes checkpointed blocks in the backward pass, "
+                "where the bypassed span cannot see its call's timestep; call "
+                "model.disable_gradient_checkpointing() (or model.eval() for inference), or unpatch this model"
+            )
+        self.check_pipeline()
+
     # Code objects and weak references cannot be copied or pickled: a copy finds its forward's code
     # again and has no pipeline (a copied pipeline links its copy again, see patching.PipelineLink).
     def __getstate__(self):
@@ -379,11 +397,31 @@ class BypassController:
         if table is None:
             table = self.table_on(m.device)
         t = _per_sample(timestep, m.shape[0])
+        n = t.numel()
+        if n != 1 and n != m.shape[0] and m.dim() >= 3 and n == m.shape[0] * m.shape[1]:
+            return self._blend_tokens(m, h, table, t)
         if is_compiling():  # plain ops, out of place: what the compiler fuses into the block's last kernel
             return blend_reference(m, h, table, t)
         if torch.is_grad_enabled() and (m.requires_grad or h.requires_grad):
             return blend(m, h, table, t, backend=self.backend)
         blend_(m, h, table, t, backend=self.backend)
+        return None
+
+    def _blend_tokens(self, m, h, table, t):
+        """A timestep per token (LTX's image-to-video and condition pipelines, Wan 2.2 TI2V: [batch,
+        tokens], flattened sample-major by the model): each token takes its own λ, as a batch of
+        batch·tokens samples. Conditioning tokens at t = 0 then take λ(0)."""
+        rows = (m.shape[0] * m.shape[1], *m.shape[2:])
+        h_rows = h.reshape(rows)
+        if is_compiling():
+            return blend_reference(m.reshape(rows), h_rows, table, t).reshape(m.shape)
+        if torch.is_grad_enabled() and (m.requires_grad or h.requires_grad):
+            return blend(m.reshape(rows), h_rows, table, t, backend=self.backend).reshape(m.shape)
+        try:
+            m_rows = m.view(rows)  # the same memory: blended in place
+        except RuntimeError:
+            return blend(m.reshape(rows), h_rows, table, t, backend=self.backend).reshape(m.shape)
+        blend_(m_rows, h_rows, table, t, backend=self.backend)
         return None
 
     # ----------------------------------------------------------------- install / remove

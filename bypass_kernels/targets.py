@@ -74,6 +74,7 @@ class Family:
     block_lists: tuple[str, ...]
     embedder: str  # submodule whose first argument is the call's timestep, once per call
     scale: float = 1.0  # table units per unit the embedder receives (QwenImage: σ in [0, 1])
+    reversed: bool = False  # the model receives 1000 − t (Mochi: its scheduler inverts σ); the table is read at t
     presets: tuple[tuple[str, tuple[int, int], str], ...] = ()  # (name, (i, j), source)
 
 
@@ -93,7 +94,9 @@ TRANSFORMERS: dict[str, Family] = {
         ("transformer_blocks", "single_transformer_blocks"), "time_text_embed", presets=(("stg", (2, 2), _STG),)
     ),
     "LTXVideoTransformer3DModel": Family(("transformer_blocks",), "time_embed", presets=(("stg", (19, 19), _STG),)),
-    "MochiTransformer3DModel": Family(("transformer_blocks",), "time_embed", presets=(("stg", (34, 34), _STG),)),
+    "MochiTransformer3DModel": Family(
+        ("transformer_blocks",), "time_embed", reversed=True, presets=(("stg", (34, 34), _STG),)
+    ),
     "QwenImageTransformer2DModel": Family(("transformer_blocks",), "time_text_embed", scale=1000.0),
 }
 
@@ -168,7 +171,11 @@ def resolve(
         target_span = _transformer_span(owner, family, span, streams, caller)
         name = timestep_module or family.embedder
         scale = family.scale if timestep_scale is None else float(timestep_scale)
-        carrier = Carrier(_named_carrier(owner, name, caller), scale)
+        offset = 0.0
+        if family.reversed:  # table t = scale · (1000 − model t)
+            scale, offset = -scale, 1000.0 * scale
+        first_half = bool(getattr(getattr(owner, "config", None), "zero_cond_t", False))  # QwenImage-Edit-2511
+        carrier = Carrier(_named_carrier(owner, name, caller), scale, offset=offset, first_half=first_half)
         return Target(owner, pipeline, carrier, target_span, carrier.module, "transformer")
     if span not in (None, "mid_block"):
         raise ValueError(
