@@ -39,6 +39,8 @@ RETURNS = {  # (hidden, text) indices
 }
 # Flux pipelines pass t/1000 (the model multiplies by 1000 inside); QwenImage's pass σ = t/1000 as is
 TABLE_UNITS = {"flux": 1000.0, "qwenimage": 1000.0}
+# Mochi's scheduler inverts σ (invert_sigmas) and its pipeline passes 1000 − t: the noisiest step reads 0
+REVERSED = {"mochi"}
 
 
 def blocks(model, name):
@@ -46,7 +48,8 @@ def blocks(model, name):
 
 
 def table_timestep(name, kwargs):
-    return (kwargs["timestep"].float() * TABLE_UNITS.get(name, 1.0)).tolist()
+    t = kwargs["timestep"].float() * TABLE_UNITS.get(name, 1.0)
+    return (1000.0 - t if name in REVERSED else t).tolist()
 
 
 def hand_span(model, name, i, j, lams, *, text=True):
@@ -63,7 +66,7 @@ def hand_span(model, name, i, j, lams, *, text=True):
         lam = torch.tensor(lams, dtype=torch.float32)
 
         def mix(m, h):
-            w = lam.view(-1, *([1] * (m.dim() - 1)))
+            w = lam.reshape(*lam.shape, *([1] * (m.dim() - lam.dim())))  # per sample [B] or per token [B, S]
             return ((1 - w) * m.float() + w * h.float()).to(m.dtype)
 
         if name not in RETURNS:
@@ -110,6 +113,8 @@ def without_span(model, name, i, j, kwargs):
 
 
 def timesteps_for(name):
+    if name in REVERSED:
+        return [100.0, 700.0]  # table t 900 and 300
     return [0.9, 0.3] if name in TABLE_UNITS else [900.0, 300.0]
 
 
@@ -352,3 +357,101 @@ def test_flux_on_cuda_bf16_eager_compiled_and_captured():
         torch.cuda.synchronize()
         eager = tt.run(model, dict(kwargs, timestep=torch.full((2,), t, device="cuda", dtype=torch.bfloat16)))
         torch.testing.assert_close(out, eager, atol=3e-2, rtol=3e-2)
+
+
+def _tokens(model, name, kwargs) -> int:
+    """How many tokens the span's image stream has (read from its first block's input)."""
+    seen = []
+    handle = blocks(model, name)[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((kwargs.get("hidden_states", args[0] if args else None)).shape[1]),
+        with_kwargs=True,
+    )
+    tt.run(model, kwargs)
+    handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("name", ["ltx", "wan"])
+def test_a_timestep_per_token_gives_each_token_its_own_lambda(name):
+    """LTX's image-to-video and condition pipelines and Wan 2.2 TI2V pass a [batch, tokens] timestep
+    (conditioning tokens at 0), which the model flattens: each token takes its own timestep's λ,
+    eager and compiled."""
+    model = tt.build(name)
+    kwargs = tt.inputs(name, [900.0, 300.0])
+    tokens = _tokens(model, name, kwargs)
+    timestep = torch.tensor([900.0, 300.0])[:, None].repeat(1, tokens)
+    timestep[:, : tokens // 4] = 0.0  # the conditioning frame's tokens: clean
+    kwargs["timestep"] = timestep
+    schedule = BypassSchedule.linear(0.8, t_min=200)
+    lams = [[schedule.weight(float(t)) for t in row] for row in timestep]
+    handles = hand_span(model, name, *default_span(len(blocks(model, name))), lams)
+    expected = tt.run(model, kwargs)
+    for h in handles:
+        h.remove()
+    patch(model, schedule)
+    torch.testing.assert_close(tt.run(model, kwargs), expected, atol=1e-5, rtol=1e-5)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(tt.run(compiled, kwargs), expected, atol=1e-5, rtol=1e-5)
+    unpatch(model)
+
+
+def test_qwenimage_edit_with_zero_cond_t_reads_lambda_from_the_images_timestep():
+    """Qwen-Image-Edit-2511 (zero_cond_t) embeds [t, 0·t], for the image and its reference: each
+    sample's λ is its own t's, over all its tokens."""
+    model = tt.build("qwenimage", zero_cond_t=True)
+    kwargs = tt.inputs("qwenimage", timesteps_for("qwenimage"))
+    kwargs["img_shapes"] = [[(1, 2, 4), (1, 2, 4)]] * 2  # the image, then its reference: 8 + 8 tokens
+    schedule = BypassSchedule.linear(0.8, t_min=200)
+    lams = [schedule.weight(t) for t in table_timestep("qwenimage", kwargs)]
+    handles = hand_span(model, "qwenimage", *default_span(len(blocks(model, "qwenimage"))), lams)
+    expected = tt.run(model, kwargs)
+    for h in handles:
+        h.remove()
+    patch(model, schedule)
+    torch.testing.assert_close(tt.run(model, kwargs), expected, atol=1e-5, rtol=1e-5)
+    unpatch(model)
+
+
+def test_bfloat16_qwenimage_reads_the_index_of_its_float32_timestep():
+    """σ·1000 in bfloat16 can land an index or two off; the carrier scales in float32."""
+    model = tt.build("qwenimage").to(torch.bfloat16)
+    kwargs = tt.inputs("qwenimage", [0.301, 0.301])
+    kwargs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+    table = torch.zeros(1000)
+    table[round(float(torch.tensor(0.301, dtype=torch.bfloat16).float()) * 1000)] = 1.0  # λ 1 at one index only
+    expected = without_span(model, "qwenimage", *default_span(3), kwargs)
+    patch(model, BypassSchedule.from_table(table))
+    torch.testing.assert_close(tt.run(model, kwargs), expected, atol=0, rtol=0)
+    unpatch(model)
+
+
+def test_patching_again_without_a_span_keeps_the_present_span():
+    """A second patch with other streams (or only a new schedule) re-attaches at the span already
+    patched, not at the family's default (it moved to the default before)."""
+    model = tt.build("sd3")
+    patch(model, BypassSchedule.constant(1.0), span=(0, 1))
+    patch(model, BypassSchedule.constant(1.0), streams="image")
+    controller = model._bypass
+    assert controller.span.first is model.transformer_blocks[0] and controller.span.last is model.transformer_blocks[1]
+    assert {s.name: s.blend for s in controller.span.streams} == {
+        "hidden_states": True,
+        "encoder_hidden_states": False,
+    }
+    patch(model, BypassSchedule.constant(0.5))
+    assert model._bypass.span.first is model.transformer_blocks[0]
+    unpatch(model)
+
+
+def test_gradient_checkpointing_of_a_patched_transformer_is_refused_with_what_to_do():
+    """Checkpointed DiT blocks are recomputed, hooks included, after the call ended: the span would
+    not blend on recompute (torch raised a CheckpointError in backward). The call says what to do."""
+    model = tt.build("wan").train()
+    patch(model, BypassSchedule.constant(0.5))
+    model.enable_gradient_checkpointing()
+    with pytest.raises(ValueError, match="disable_gradient_checkpointing"):
+        model(**tt.inputs("wan", [700.0, 300.0]), return_dict=False)
+    model.disable_gradient_checkpointing()
+    out = model(**tt.inputs("wan", [700.0, 300.0]), return_dict=False)[0]
+    out.sum().backward()  # without checkpointing: gradients through the blend
+    assert all(p.grad is not None for p in model.blocks[0].parameters() if p.requires_grad)
+    unpatch(model)
