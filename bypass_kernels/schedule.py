@@ -247,16 +247,21 @@ class BypassSchedule:
         shape: str = "linear",
         height: int | None = None,
         width: int | None = None,
+        num_frames: int | None = None,
     ) -> BypassSchedule:
-        """:meth:`for_scheduler` with the timesteps ``pipe`` itself samples at for that image size:
-        Flux-family pipelines set ``sigmas = linspace(1, 1/N, N)`` and shift by the packed latent
-        length (``mu``), SD3 shifts when its scheduler is set to (``use_dynamic_shifting``); other
-        pipelines use ``set_timesteps(N)``. ``height``/``width`` default to the pipeline's own."""
+        """:meth:`for_scheduler` with the timesteps ``pipe`` itself samples at for that size:
+        Flux, QwenImage and LTX-Video pipelines set ``sigmas = linspace(1, 1/N, N)`` and shift by
+        the latent length (``mu``), SD3 shifts when its scheduler is set to
+        (``use_dynamic_shifting``), HunyuanVideo sets ``sigmas = linspace(1, 0, N + 1)[:-1]``, Mochi
+        its linear-quadratic sigmas (its scheduler inverts them: the table is read at T − t, as the
+        patch reads a Mochi transformer's timestep); other pipelines use ``set_timesteps(N)``, and a
+        flow-matching one not listed warns. ``height``, ``width`` and ``num_frames`` (LTX) default to
+        the pipeline's own."""
         N = check_num_inference_steps(num_inference_steps)
         scheduler = getattr(pipe, "scheduler", None)
         if scheduler is None:
             raise TypeError(f"pipe: expected a diffusers pipeline with a scheduler, got {type(pipe).__name__}")
-        extra = steps.pipeline_arguments(pipe, N, height, width)
+        extra = steps.pipeline_arguments(pipe, N, height, width, num_frames)
         return cls.for_scheduler(scheduler, N, strength, start=start, end=end, shape=shape, **extra)
 
     @classmethod

@@ -13,7 +13,9 @@ reads its own step's λ.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,6 +65,9 @@ def visited_timesteps(scheduler: Any, N: int, *, mu: float | None = None, sigmas
     timesteps = as_float_list(work.timesteps, "scheduler.timesteps")
     if not timesteps:
         raise ValueError(f"scheduler: set_timesteps({N}) gave no timesteps")
+    if work.config.get("invert_sigmas", False):  # Mochi's: the model gets T − t; the table is read at t
+        T = work.config["num_train_timesteps"]
+        timesteps = [T - t for t in timesteps]
     for i, t in enumerate(timesteps):
         if not math.isfinite(t):
             raise ValueError(f"scheduler.timesteps[{i}]: expected a finite timestep, got {t!r}")
@@ -140,28 +145,91 @@ def build_scheduler(spec: Any, T: int | None) -> Any:
         raise ValueError(f"scheduler: cannot build {name} from {short_repr(config)}: {exc}") from None
 
 
-def pipeline_arguments(pipe: Any, N: int, height: int | None, width: int | None) -> dict[str, Any]:
-    """What the pipeline passes to ``set_timesteps`` besides N (diffusers 0.42): Flux-family pipelines
-    pass ``sigmas = linspace(1, 1/N, N)`` and ``mu`` from the packed latent length; SD3 passes ``mu``
-    when its scheduler shifts by image size; other pipelines pass nothing more."""
-    scheduler = pipe.scheduler
-    config = scheduler.config
-    vae_scale = getattr(pipe, "vae_scale_factor", 8)
-    size = getattr(pipe, "default_sample_size", 128) * vae_scale
-    height, width = height or size, width or size
+def pipeline_arguments(
+    pipe: Any, N: int, height: int | None, width: int | None, num_frames: int | None = None
+) -> dict[str, Any]:
+    """What the pipeline passes to ``set_timesteps`` besides N (diffusers 0.42): Flux, QwenImage and
+    LTX-Video pipelines pass ``sigmas = linspace(1, 1/N, N)`` and ``mu`` from the latent length;
+    SD3 passes ``mu`` when its scheduler shifts by image size; HunyuanVideo passes
+    ``sigmas = linspace(1, 0, N + 1)[:-1]``; Mochi its linear-quadratic sigmas. Other pipelines pass
+    nothing more (one not listed here whose ``__call__`` computes sigmas or ``mu`` itself warns)."""
+    config = pipe.scheduler.config
     name = type(pipe).__name__
+    height, width, num_frames = _call_defaults(pipe, height, width, num_frames)
+    vae_scale = getattr(pipe, "vae_scale_factor", 8)
+    to_one = numpy.linspace(1.0, 1 / N, N).tolist()
     if name.startswith("Flux"):
         seq = (height // (vae_scale * 2)) * (width // (vae_scale * 2))
-        out: dict[str, Any] = {"sigmas": numpy.linspace(1.0, 1 / N, N).tolist()}
-        if getattr(config, "use_flow_sigmas", False):
-            out = {}
+        out: dict[str, Any] = {} if getattr(config, "use_flow_sigmas", False) else {"sigmas": to_one}
         out["mu"] = shift_mu(seq, config, max_shift=1.15)
         return out
+    if name.startswith("QwenImage"):  # packed 2x2 latents
+        seq = (height // vae_scale // 2) * (width // vae_scale // 2)
+        return {"sigmas": to_one, "mu": shift_mu(seq, config, max_shift=1.15)}
+    if name in ("LTXPipeline", "LTXImageToVideoPipeline"):
+        spatial = getattr(pipe, "vae_spatial_compression_ratio", 32)
+        temporal = getattr(pipe, "vae_temporal_compression_ratio", 8)
+        seq = ((num_frames - 1) // temporal + 1) * (height // spatial) * (width // spatial)
+        return {"sigmas": to_one, "mu": shift_mu(seq, config, max_shift=1.15)}
+    if name in ("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"):
+        return {"sigmas": numpy.linspace(1.0, 0.0, N + 1)[:-1].tolist()}
+    if name == "MochiPipeline":
+        return {"sigmas": linear_quadratic_sigmas(N, 0.025)}
     if name.startswith("StableDiffusion3") and config.get("use_dynamic_shifting", None):
         patch = pipe.transformer.config.patch_size
         seq = (height // vae_scale // patch) * (width // vae_scale // patch)
         return {"mu": shift_mu(seq, config, max_shift=1.16)}
+    if _sets_its_own_sigmas(pipe):
+        warnings.warn(
+            f"BypassSchedule.for_pipeline: how {name} sets its scheduler's sigmas is not known here; the "
+            f"table follows set_timesteps({N}). If the pipeline passes its own sigmas or mu, build the "
+            "schedule with BypassSchedule.for_scheduler(pipe.scheduler, N, ..., sigmas=..., mu=...)",
+            stacklevel=3,
+        )
     return {}
+
+
+def _sets_its_own_sigmas(pipe: Any) -> bool:
+    """Whether the pipeline's ``__call__`` computes sigmas or a shift ``mu`` itself (read from its source)."""
+    try:
+        source = inspect.getsource(type(pipe).__call__)
+    except (OSError, TypeError):
+        return False
+    return "sigmas = " in source or "mu = " in source
+
+
+def _call_defaults(pipe: Any, height, width, num_frames) -> tuple[int, int, int]:
+    """The pipeline's own defaults where not given: its ``__call__``'s, else its default sample size."""
+    try:
+        params = inspect.signature(type(pipe).__call__).parameters
+    except (TypeError, ValueError):
+        params = {}
+
+    def default(key, fallback):
+        value = params[key].default if key in params else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else fallback
+
+    size = getattr(pipe, "default_sample_size", 128) * getattr(pipe, "vae_scale_factor", 8)
+    return (
+        height or default("height", size),
+        width or default("width", size),
+        num_frames or default("num_frames", 1),
+    )
+
+
+def linear_quadratic_sigmas(N: int, threshold: float) -> list[float]:
+    """Mochi's sampling sigmas: noise falls linearly to ``threshold`` over the first N // 2 steps, then
+    along a quadratic that reaches 1 at step N with a continuous slope; σ = 1 − noise."""
+    if N < 2:
+        raise ValueError(f"num_inference_steps: Mochi's sigmas need at least 2 steps, got {N}")
+    half = N // 2
+    rest = N - half
+    excess = half - threshold * N
+    quad = excess / (half * rest**2)
+    lin = threshold / half - 2 * excess / rest**2
+    noise = [i * threshold / half for i in range(half)]
+    noise += [quad * i * i + lin * i + quad * half * half for i in range(half, N)]
+    return [1.0 - x for x in noise]
 
 
 def shift_mu(image_seq_len: int, config: Mapping, *, max_shift: float) -> float:

@@ -137,3 +137,94 @@ def test_for_scheduler_needs_mu_for_a_dynamically_shifting_scheduler():
     record = {k: v for k, v in made.to_dict().items() if k != "timesteps"}  # rebuilt from the scheduler and mu
     record["scheduler"] = {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}
     assert BypassSchedule.from_dict(record).table().tolist() == made.table().tolist()
+
+
+def _video_pipeline(name):
+    """A diffusers pipeline of ``name`` with a tiny transformer and no text encoder or VAE (prompt
+    embeddings given, latents out), and its call; schedulers set as the released models ship them."""
+    import diffusers
+    import tiny_transformers as tt
+    from diffusers import FlowMatchEulerDiscreteScheduler as FlowMatch
+
+    def embeds(seed):
+        return torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(seed))
+
+    mask = torch.ones(1, 5)
+    shifting = dict(use_dynamic_shifting=True, time_shift_type="exponential", shift_terminal=0.02)
+    common = dict(vae=None, text_encoder=None, tokenizer=None, output_type="latent")
+    if name == "qwenimage":
+        scheduler = FlowMatch(base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max_shift=0.9, **shifting)
+        transformer, size = tt.build("qwenimage"), dict(height=32, width=32)
+        call = dict(prompt_embeds=embeds(3), prompt_embeds_mask=mask.long())
+        cls = diffusers.QwenImagePipeline
+    elif name == "ltx":
+        scheduler = FlowMatch(
+            base_image_seq_len=1024, max_image_seq_len=4096, base_shift=0.95, max_shift=2.05, **shifting
+        )
+        transformer, size = tt.build("ltx"), dict(height=64, width=64, num_frames=9)
+        call = dict(prompt_embeds=embeds(3), prompt_attention_mask=mask, guidance_scale=1.0)
+        cls = diffusers.LTXPipeline
+    elif name == "mochi":
+        scheduler = FlowMatch(invert_sigmas=True)
+        transformer, size = tt.build("mochi"), dict(height=32, width=32, num_frames=7)
+        call = dict(prompt_embeds=embeds(3), prompt_attention_mask=mask, guidance_scale=1.0)
+        cls = diffusers.MochiPipeline
+    else:
+        scheduler = FlowMatch(shift=7.0)
+        transformer, size = tt.build("hunyuanvideo"), dict(height=16, width=16, num_frames=5)
+        call = dict(prompt_embeds=embeds(3), pooled_prompt_embeds=torch.randn(1, 8), prompt_attention_mask=mask)
+        cls = diffusers.HunyuanVideoPipeline
+        common.update(text_encoder_2=None, tokenizer_2=None)
+    output = common.pop("output_type")
+    pipe = cls(scheduler=scheduler, transformer=transformer, **common)
+    return pipe, size, dict(call, output_type=output, **size)
+
+
+@pytest.mark.parametrize("name", ["qwenimage", "ltx", "mochi", "hunyuanvideo"])
+def test_for_pipeline_follows_the_sigmas_each_video_and_qwen_pipeline_sets(name):
+    """QwenImage and LTX-Video pass their own sigmas and a shift from the latent length, HunyuanVideo
+    its own sigmas, Mochi its linear-quadratic sigmas through an inverting scheduler (the model gets
+    1000 − t): every transformer call reads its own step's λ (failed before: mu missing, or the
+    wrong steps' λ)."""
+    from test_transformers import REVERSED, TABLE_UNITS
+
+    pipe, size, call = _video_pipeline(name)
+    n = 6
+    schedule = BypassSchedule.for_pipeline(pipe, n, 0.5, end=0.5, shape="constant", **size)
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append(float(k["timestep"].reshape(-1)[0])), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            pipe(num_inference_steps=n, generator=torch.Generator().manual_seed(0), **call)
+    finally:
+        handle.remove()
+    assert len(seen) == n
+    table_t = [t * TABLE_UNITS.get(name, 1.0) for t in seen]
+    table_t = [1000.0 - t for t in table_t] if name in REVERSED else table_t
+    assert [schedule.weight(t) for t in table_t] == [0.5, 0.5, 0.5, 0.0, 0.0, 0.0], (seen, table_t)
+
+
+def test_for_pipeline_warns_only_for_a_pipeline_that_sets_sigmas_it_does_not_know():
+    """LTX's condition pipeline computes its own sigmas: a warning names for_scheduler. Wan's pipeline
+    calls set_timesteps(N) itself: no warning, and the table's timesteps are the ones it visits."""
+    import warnings
+
+    import diffusers
+    import tiny_transformers as tt
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    parts = dict(vae=None, text_encoder=None, tokenizer=None)
+    pipe = diffusers.LTXConditionPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), transformer=tt.build("ltx"), **parts
+    )
+    with pytest.warns(UserWarning, match="for_scheduler"):
+        BypassSchedule.for_pipeline(pipe, 4, 0.5)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    pipe = diffusers.WanPipeline(scheduler=scheduler, transformer=tt.build("wan"), **parts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schedule = BypassSchedule.for_pipeline(pipe, 4, 0.5)
+    scheduler.set_timesteps(4)
+    assert schedule.to_dict()["timesteps"] == pytest.approx(scheduler.timesteps.tolist())
