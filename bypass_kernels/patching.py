@@ -181,7 +181,12 @@ def patch(
     owners, pipeline = targets.models_of(model)
     found = [
         targets.resolve(
-            owner, pipeline, span=span, streams=streams, timestep_module=timestep_module, timestep_scale=timestep_scale
+            owner,
+            pipeline,
+            span=_span_kept(owner, span),
+            streams=streams,
+            timestep_module=timestep_module,
+            timestep_scale=timestep_scale,
         )
         for owner in owners
     ]
@@ -218,8 +223,19 @@ def patch(
 
 
 def _attachment(x) -> tuple:
-    """What decides where the hooks sit: the span's blocks and streams, the carrier and its scale."""
-    return (x.span, x.carrier.module, x.carrier.scale)
+    """What decides where the hooks sit: the span's blocks and streams, the carrier and how it reads t."""
+    return (x.span, x.carrier)
+
+
+def _span_kept(owner: nn.Module, span):
+    """``span``, or where none is given and the transformer is patched already, its present span (by
+    block names): patching again with other streams or another schedule keeps the span."""
+    controller = _controller(owner)
+    if span is not None or controller is None or targets._family(owner) is None:
+        return span
+    names = {module: name for name, module in owner.named_modules()}
+    first, last = names.get(controller.span.first), names.get(controller.span.last)
+    return span if first is None or last is None else (first, last)
 
 
 def _attach(target: targets.Target, schedule: BypassSchedule, backend: str) -> BypassController:
