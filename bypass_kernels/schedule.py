@@ -254,9 +254,9 @@ class BypassSchedule:
         the latent length (``mu``), SD3 shifts when its scheduler is set to
         (``use_dynamic_shifting``), HunyuanVideo sets ``sigmas = linspace(1, 0, N + 1)[:-1]``, Mochi
         its linear-quadratic sigmas (its scheduler inverts them: the table is read at T − t, as the
-        patch reads a Mochi transformer's timestep); other pipelines use ``set_timesteps(N)``, and a
-        flow-matching one not listed warns. ``height``, ``width`` and ``num_frames`` (LTX) default to
-        the pipeline's own."""
+        patch reads a Mochi transformer's timestep); other pipelines use ``set_timesteps(N)``, and
+        one not listed whose ``__call__`` computes sigmas or ``mu`` itself warns. ``height``,
+        ``width`` and ``num_frames`` (LTX) default to the pipeline's own."""
         N = check_num_inference_steps(num_inference_steps)
         scheduler = getattr(pipe, "scheduler", None)
         if scheduler is None:

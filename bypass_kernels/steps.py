@@ -175,7 +175,9 @@ def pipeline_arguments(
         return {"sigmas": numpy.linspace(1.0, 0.0, N + 1)[:-1].tolist()}
     if name == "MochiPipeline":
         return {"sigmas": linear_quadratic_sigmas(N, 0.025)}
-    if name.startswith("StableDiffusion3") and config.get("use_dynamic_shifting", None):
+    if name.startswith("StableDiffusion3"):
+        if not config.get("use_dynamic_shifting", None):
+            return {}
         patch = pipe.transformer.config.patch_size
         seq = (height // vae_scale // patch) * (width // vae_scale // patch)
         return {"mu": shift_mu(seq, config, max_shift=1.16)}

@@ -81,9 +81,13 @@ def test_for_pipeline_gives_each_step_its_own_lambda(name, tmp_path):
     """Flux (dynamic shift from the image size, sigmas from the pipeline) and SD3 (shift 3): the
     schedule's timesteps are the ones the pipeline samples at, and the patched pipeline equals a
     hand-written span hook that applies λ(i/N) at step i."""
+    import warnings
+
     pipe = DIT_PIPELINES[name](tmp_path)
     n = 4
-    schedule = BypassSchedule.for_pipeline(pipe, n, 0.8, end=0.75, height=32, width=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a pipeline it knows: no warning
+        schedule = BypassSchedule.for_pipeline(pipe, n, 0.8, end=0.75, height=32, width=32)
     seen = calls_of(pipe, name, n)
     units = 1000.0 if name == "flux" else 1.0
     assert [float(t[0]) * units for t in seen] == pytest.approx(schedule.to_dict()["timesteps"], abs=1e-3)
