@@ -115,10 +115,20 @@ def external_data_files(graph_path: str) -> set[str]:
     return names
 
 
+def data_in_use(folder: str) -> set[str]:
+    """The weight files any ONNX graph in ``folder`` refers to: a graph renamed or copied by its user
+    keeps the weights file named after its first name, which no export may then remove."""
+    used: set[str] = set()
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".onnx") and os.path.isfile(path):
+            used |= external_data_files(path)
+    return used
+
+
 def remove_unreferenced_data(folder: str, graph_name: str) -> list[str]:
-    """Remove ``<graph>.<id>.data`` files that the graph ``<graph>`` does not refer to (debris of a kill)."""
-    graph = os.path.join(folder, graph_name)
-    keep = external_data_files(graph) if os.path.exists(graph) else set()
+    """Remove ``<graph>.<id>.data`` files that no graph in ``folder`` refers to (debris of a kill)."""
+    keep = data_in_use(folder)
     pattern = re.compile(re.escape(graph_name) + _DATA_PATTERN + "$")
     removed = []
     for name in os.listdir(folder):
@@ -227,8 +237,8 @@ class Staging:
                             os.remove(target)
                 raise
             if graph:
-                new_data = external_data_files(os.path.join(self.folder, graph))
-                for name in old_data - new_data:
+                in_use = data_in_use(self.folder)  # the new graph's, and any other graph's (a user's copy)
+                for name in old_data - in_use:
                     if os.path.basename(name) == name:  # only plain names beside the graph
                         with contextlib.suppress(FileNotFoundError):
                             os.remove(os.path.join(self.folder, name))

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -149,6 +150,9 @@ def test_fp16_graph_keeps_a_float32_timestep(tmp_path):
         (lambda: torch.nn.Linear(2, 2), {}, TypeError, "neither a mid-block nor known transformer blocks"),
         (lambda: build_unet("tiny-sd"), {"opset": 11}, ValueError, "opset"),
         (lambda: build_unet("tiny-sd"), {"schedule": "linear"}, TypeError, "schedule"),
+        # a dynamic batch traced at 1 was fixed at 1: the check (batch 2) failed, a CFG batch would too
+        (lambda: build_unet("tiny-sd"), {"batch": 1}, ValueError, "traced with 2 to 63 samples"),
+        (lambda: build_unet("tiny-sd"), {"batch": 64}, ValueError, "dynamic_batch=False"),
     ],
 )
 def test_bad_input_leaves_no_file(tmp_path, make, kwargs, exc, match):
@@ -479,6 +483,31 @@ def test_publish_switches_graph_and_weights_together_or_not_at_all(tmp_path, mon
     assert sorted(os.listdir(out)) == sorted([*new, "config.json"]) and old[1] not in os.listdir(out)
     session = onnxruntime_session(str(out / "unet.onnx"))
     assert session.run(None, {"x": np.zeros(64, np.float32)})[0][0] == 2.0
+
+
+def test_an_export_never_removes_weights_another_graph_in_the_folder_uses(tmp_path):
+    """A user's renamed or copied graph still refers to the weights file named after the graph it was:
+    a later export into the folder (its clean-up of a killed export's debris, and its replacement of
+    the previous weights) leaves that file. Both removed it before."""
+    from bypass_kernels.export import staging
+
+    out = tmp_path / "out"
+    out.mkdir()
+    _small_graph(out, "e.onnx", 1.0)
+    os.rename(out / "e.onnx", out / "renamed.onnx")  # its weights keep the name e.onnx.<id>.data
+    old = _small_graph(out, "unet.onnx", 2.0)
+    shutil.copy(out / "unet.onnx", out / "backup.onnx")  # a copy that shares unet.onnx's weights
+    with staging.Staging(str(out)) as stage:  # an export into the folder: debris clean-up, then publish
+        new = _small_graph(tmp_path.joinpath(stage.path), "unet.onnx", 3.0)
+        stage.publish(new, overwrite=True, graph="unet.onnx")
+    for graph, value in (("renamed.onnx", 1.0), ("backup.onnx", 2.0), ("unet.onnx", 3.0)):
+        session = onnxruntime_session(str(out / graph))
+        assert session.run(None, {"x": np.zeros(64, np.float32)})[0][0] == value, graph
+    assert old[1] in os.listdir(out)  # still used by backup.onnx
+    os.remove(out / "backup.onnx")
+    with staging.Staging(str(out)):
+        pass
+    assert old[1] not in os.listdir(out)  # used by no graph now: removed as debris
 
 
 # -- CLI user errors -------------------------------------------------------------------------------------
