@@ -129,6 +129,19 @@ def _downsampling_factor(unet: nn.Module) -> int:
 TRACE_MAX_BATCH = 63
 
 
+def check_example_batch(batch, dynamic_batch: bool, max_batch: int) -> int:
+    """The batch an export traces with: torch.export fixes a dynamic batch traced at 1 to 1 (and the
+    graph would refuse a CFG batch of 2), so a dynamic batch is traced with 2..``max_batch`` samples."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch: expected a positive int, got {batch!r}")
+    if dynamic_batch and not 2 <= batch <= max_batch:
+        raise ValueError(
+            f"batch: a graph with a dynamic batch is traced with 2 to {max_batch} samples (it then serves any "
+            f"batch); got {batch}. For a graph fixed at one batch size pass dynamic_batch=False"
+        )
+    return batch
+
+
 def _dynamic_shapes(names, *, factor: int, dynamic_batch: bool, dynamic_shape: bool):
     Dim = torch.export.Dim
     batch = Dim("batch", min=1, max=TRACE_MAX_BATCH)
@@ -349,6 +362,7 @@ def export_to_staging(
         raise ValueError(f"opset: the graph needs ONNX opset {MIN_OPSET} or newer, got {opset!r}")
     if schedule is not None and not isinstance(schedule, BypassSchedule):
         raise TypeError(f"schedule: expected a BypassSchedule, got {type(schedule).__name__}")
+    check_example_batch(batch, dynamic_batch, TRACE_MAX_BATCH)
     _refuse_video_unet(getattr(model, "unet", model))  # a pipeline's or the model itself
     targets.find_owner(model)  # a clear error for objects with no mid-block, before touching files
 

@@ -28,6 +28,7 @@ from bypass_kernels.export.onnx_export import (
     ExportResult,
     _check_target,
     _finish_graph,
+    check_example_batch,
     check_tolerance,
     graph_metadata,
     onnxruntime_session,
@@ -266,6 +267,7 @@ def to_onnx(
         raise ValueError(f"opset: the graph needs ONNX opset {MIN_OPSET} or newer, got {opset!r}")
     if schedule is not None and not isinstance(schedule, BypassSchedule):
         raise TypeError(f"schedule: expected a BypassSchedule, got {type(schedule).__name__}")
+    check_example_batch(batch, dynamic_batch, MAX_BATCH)
     path = _check_target(path, overwrite)
     name = os.path.basename(path)
     with staging.Staging(os.path.dirname(path)) as stage, _export_state(owner, schedule) as schedule:

@@ -131,3 +131,11 @@ def test_an_unsupported_family_is_refused_before_any_file(tmp_path):
     with pytest.raises(TypeError, match="WanTransformer3DModel has no transformer export"):
         to_onnx(model, str(tmp_path / "wan.onnx"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dynamic_batch_is_traced_with_at_least_two_samples(tmp_path):
+    """torch.export fixes a dynamic batch traced at 1 to 1: refused before anything is written."""
+    model = tt.build("pixart")
+    with pytest.raises(ValueError, match="traced with 2 to"):
+        to_onnx(model, str(tmp_path / "p.onnx"), SCHEDULE, batch=1)
+    assert list(tmp_path.iterdir()) == []
