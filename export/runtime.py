@@ -128,6 +128,8 @@ class PipelineUNet:
             table = schedule
         else:
             raise TypeError(f"schedule: expected a BypassSchedule or a tensor, got {type(schedule).__name__}")
+        if table.is_floating_point() and not bool(torch.isfinite(table).all()):
+            raise ValueError("schedule: the table has NaN or infinite values; λ must be finite (0 to 1)")
         if table.dim() != 1 or table.numel() != self._schedule_len:
             raise ValueError(
                 f"schedule: this graph takes a table of {self._schedule_len} values (its num_train_timesteps), "
@@ -199,6 +201,15 @@ class PipelineUNet:
                 raise ValueError(f"{name}: the graph takes shape {shown}, got {shape}")
             if name in _BATCH_INPUTS and shape[0] != batch:
                 raise ValueError(f"{name}: batch {shape[0]} differs from the sample's batch {batch}")
+        # The graph traces one path of the UNet's upsamplers, the one for sizes its downsampling divides.
+        multiple = int(getattr(self, "metadata", {}).get("latent_multiple", 1))
+        height, width = named["sample"].shape[2:]
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"sample: this graph takes latent heights and widths that are multiples of {multiple} (the UNet's "
+                f"downsampling), got {height}x{width}; choose an image size whose latents are (e.g. multiples of "
+                f"{multiple * 8} pixels with an 8x VAE)"
+            )
 
     def __call__(self, *args, **kwargs):
         call = self._bind_call(args, kwargs)
