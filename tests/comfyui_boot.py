@@ -61,15 +61,16 @@ def fill(model, seed: int = 0, std: float = 0.05):
     """ComfyUI's layers skip weight initialisation: seeded random weights, by hand.
 
     Floating-point buffers too: SD3's ``pos_embed`` is a ``torch.empty`` buffer that a checkpoint
-    fills, so left alone it holds whatever memory it got (NaN on some machines)."""
+    fills, so left alone it holds whatever memory it got (NaN on some machines). Not the sampling
+    buffers (``model_sampling``'s sigmas): ComfyUI computes them, and sampling needs the real ones."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
-        for b in model.buffers():
-            if b.is_floating_point():
+        for name, b in model.named_buffers():
+            if b.is_floating_point() and "model_sampling" not in name:
                 b.copy_(torch.randn(b.shape, generator=gen) * std)
     return model
 

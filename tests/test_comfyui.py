@@ -25,6 +25,14 @@ def sd15(comfy):
     return cb.tiny_model("sd15")
 
 
+def test_the_tiny_models_sample_with_comfyuis_own_sigmas(comfy, sd15):
+    """The tiny models' weights are random, their sampling buffers are not: the steps, and so the
+    fraction-of-sampling and timestep lookups, run at the noise levels of the real models."""
+    model, _, _ = sd15
+    sampling = model.get_model_object("model_sampling")
+    assert 14.0 < float(sampling.sigma_max) < 15.0 and 0.02 < float(sampling.sigma_min) < 0.03  # SD1.x
+
+
 def node(model, strength, *, shape="linear", window="timesteps", start=0.0, end=999.0, **optional):
     from bypass_kernels.comfyui.nodes import MidBlockBypass
 
