@@ -50,11 +50,13 @@ from bypass_kernels.schedule import BypassSchedule
 
 _HOST = torch.device("cpu")
 
-# One record per thread for every patched model: a model call is never in flight inside another
-# one in the same thread, and each entry carries its controller's token: the model's class name, a
+# One record per thread and model class (a model is not called inside another of its own class in
+# one thread; one of another class is, by reference networks and guidance tricks, and has its own
+# record), and each entry carries its controller's token: the model's class name, a
 # constant that compiled code shares across instances, copies and patches of one class (a token per
 # controller would make every new patch recompile code shared by a class). ``call``: (token, timestep,
-# frame id) from the carrier, then (token, timestep, frame id, streams, versions) from the span start.
+# frame id) from the carrier, then (token, timestep, frame id, streams, versions) from the span start,
+# under the key ``_record_key(token)``.
 # ``table``: (token, table) from table_for_calls. Written and read as entries of ``_CALLS.__dict__``
 # (this thread's dict), absent between calls: a compiled frame that adds the entry and deletes it
 # again writes nothing back after its graph. Setting an attribute to None instead made Dynamo write
@@ -113,6 +115,7 @@ class KeepTimestep:
     def __init__(self, controller: BypassController):
         self.controller = controller
         self.token = controller.token
+        self.key = _record_key(self.token)
         self.scale = controller.carrier.scale
         self.offset = controller.carrier.offset
         self.first_half = controller.carrier.first_half
@@ -128,11 +131,11 @@ class KeepTimestep:
         if self.scale != 1.0 or self.offset != 0.0:  # in float32: a bfloat16 product can miss its index
             timestep = timestep.float() * self.scale + self.offset
         if is_compiling():
-            _CALLS.__dict__["call"] = (self.token, timestep, None)
+            _CALLS.__dict__[self.key] = (self.token, timestep, None)
         else:
             self.controller.check_call()
             frame = id(sys._getframe(2)) if own_call else self.controller.owner_frame()
-            _CALLS.__dict__["call"] = (self.token, timestep, frame)
+            _CALLS.__dict__[self.key] = (self.token, timestep, frame)
 
 
 class KeepModelTimestep(KeepTimestep):
@@ -162,16 +165,17 @@ class EnterSpan:
     def __init__(self, controller: BypassController):
         self.controller = controller
         self.token = controller.token
+        self.key = _record_key(self.token)
         self.streams = tuple((s.name, s.position) for s in controller.span.streams)
         self.clone = controller.clone_inputs
 
     def __call__(self, block, args, kwargs):
-        call = _CALLS.__dict__.get("call")
+        call = _CALLS.__dict__.get(self.key)
         if call is None or call[0] != self.token:  # block i called on its own, outside a model call
             return
         timestep, frame = call[1], call[2]
         if not is_compiling() and frame is not None and not _on_stack(frame):
-            del _CALLS.__dict__["call"]  # left by a model call that raised before the span end: not this call's
+            del _CALLS.__dict__[self.key]  # left by a model call that raised before the span end: not this call's
             return
         streams = tuple(kwargs[n] if n in kwargs else (args[p] if len(args) > p else None) for n, p in self.streams)
         versions = None
@@ -179,7 +183,7 @@ class EnterSpan:
             streams = tuple(s.clone() if isinstance(s, Tensor) else s for s in streams)
         elif not is_compiling():  # Dynamo cannot branch on version counters; inference tensors have none
             versions = tuple(s._version if isinstance(s, Tensor) and not s.is_inference() else None for s in streams)
-        _CALLS.__dict__["call"] = (self.token, timestep, frame, streams, versions)
+        _CALLS.__dict__[self.key] = (self.token, timestep, frame, streams, versions)
 
 
 class LeaveSpan:
@@ -188,14 +192,15 @@ class LeaveSpan:
     def __init__(self, controller: BypassController):
         self.controller = controller
         self.token = controller.token
+        self.key = _record_key(self.token)
         self.single = controller.span.single
         self.outputs = tuple((s.output_index, s.blend) for s in controller.span.streams)
 
     def __call__(self, block, args, kwargs, output):
-        call = _CALLS.__dict__.get("call")
+        call = _CALLS.__dict__.get(self.key)
         if call is None or call[0] != self.token:
             return None
-        del _CALLS.__dict__["call"]  # the record ends as it began: absent (nothing for compiled code to write back)
+        del _CALLS.__dict__[self.key]  # the record ends as it began: absent (nothing for compiled code to write back)
         if len(call) < 5:  # block j called on its own
             return None
         _, timestep, _, entered, versions = call
@@ -478,6 +483,12 @@ def forward_codes(owner: nn.Module) -> frozenset:
                 codes.add(code)
             fn = getattr(fn, "__wrapped__", None)
     return frozenset(codes)
+
+
+def _record_key(token: str) -> str:
+    """The per-thread record's key for a model class: an identifier (Dynamo reads dict entries of a
+    thread-local as attributes, whose names cannot hold dots)."""
+    return "call_" + "".join(c if c.isalnum() else "_" for c in token)
 
 
 def _on_stack(frame_id: int) -> bool:

@@ -370,3 +370,25 @@ def test_compile_then_patch_then_cuda_graph_capture(unet):
         torch.cuda.synchronize()
         expected = run_unet(model, dict(inputs, timestep=torch.tensor([t, t], device="cuda")))
         torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+
+
+def test_a_patched_model_of_another_class_called_inside_keeps_the_outer_bypass():
+    """A reference network or guidance trick calls a second patched model inside the first one's
+    forward: each blends with its own λ (the inner call took the outer's record before, and the
+    outer model ran unpatched)."""
+    outer, inner = build_unet("tiny-sd"), build_unet("tiny-unet2d")
+    x = example_inputs(outer, batch=2, timestep=torch.tensor([900.0, 300.0]))
+    xi = example_inputs(inner, batch=2, timestep=torch.tensor([500.0, 500.0]))
+    patch(outer, BypassSchedule.constant(0.9))
+    patch(inner, BypassSchedule.constant(0.9))
+    with torch.no_grad():
+        expected = outer(**x).sample
+        inner_alone = inner(**xi).sample
+        seen = []
+        handle = outer.down_blocks[1].register_forward_pre_hook(lambda m, a: seen.append(inner(**xi).sample))
+        try:
+            got = outer(**x).sample
+        finally:
+            handle.remove()
+    assert torch.equal(got, expected)
+    assert torch.equal(seen[0], inner_alone)
