@@ -131,6 +131,11 @@ def _refuse_shared(target: targets.Target, mine: BypassController | None) -> Non
 
 
 def _link(controller: BypassController, pipeline) -> None:
+    previous = controller.pipeline
+    if previous is not None and previous is not pipeline:  # the check follows the pipeline patched last
+        link = getattr(previous, "__dict__", {}).get(_LINK)
+        if isinstance(link, PipelineLink) and link.controller is controller:
+            _unlink(previous)
     controller.link_pipeline(pipeline)
     if pipeline is not None:
         # a pipeline-like object with __slots__ takes no link (and gets no scheduler check in copies)

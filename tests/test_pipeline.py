@@ -104,3 +104,18 @@ def test_patched_pipeline_with_compiled_unet_compiles_once(pipe):
     assert frames == 1  # no graph break, no recompile across timesteps, strengths or pipelines
     np.testing.assert_allclose(got_t2i, expected_t2i, atol=1e-3)
     np.testing.assert_allclose(got_i2i, expected_i2i, atol=1e-3)
+
+
+def test_a_unet_patched_through_a_second_pipeline_leaves_no_link_on_the_first(tmp_path):
+    """Two pipelines sharing one UNet: the scheduler check follows the pipeline patched last, and
+    unpatch then leaves no link attribute behind on either (one stayed on the first)."""
+    from diffusers import StableDiffusionPipeline
+    from tiny_pipelines import sd_pipeline
+
+    first = sd_pipeline(tmp_path)
+    second = StableDiffusionPipeline(**first.components)
+    bypass_kernels.patch(first, bypass_kernels.BypassSchedule.constant(0.5))
+    bypass_kernels.patch(second, bypass_kernels.BypassSchedule.constant(0.5))
+    bypass_kernels.unpatch(second)
+    assert "_bypass_link" not in first.__dict__ and "_bypass_link" not in second.__dict__
+    assert not bypass_kernels.is_patched(first.unet)
