@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -194,21 +195,28 @@ def cmd_generate(args) -> int:
     from bypass_kernels.experiments.metrics import group_counts
     from bypass_kernels.experiments.sampling import ddim_sample, seeded_noise
 
-    _writable_folder(args.out)
-    name = args.model or "shapes"
-    shipped = name in datasets.NAMES
-    folder = datasets.shipped_folder(name) if shipped else name
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise ValueError(
-            f"model: no diffusers model at {folder!r}"
-            + (
-                f"; the shipped checkpoint is missing (python benchmarks/bias_experiment.py --dataset {name})"
-                if shipped
-                else ""
+    created = not os.path.exists(args.out)
+    _writable_folder(args.out)  # first: an unusable --out fails before any work
+    try:
+        name = args.model or "shapes"
+        shipped = name in datasets.NAMES
+        folder = datasets.shipped_folder(name) if shipped else name
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ValueError(
+                f"model: no diffusers model at {folder!r}"
+                + (
+                    f"; the shipped checkpoint is missing (python benchmarks/bias_experiment.py --dataset {name})"
+                    if shipped
+                    else ""
+                )
             )
-        )
-    if UNet2DModel.load_config(folder).get("_class_name") != "UNet2DModel":
-        raise ValueError("model: generate takes an unconditional UNet2DModel folder (e.g. a DDPM checkpoint)")
+        if UNet2DModel.load_config(folder).get("_class_name") != "UNet2DModel":
+            raise ValueError("model: generate takes an unconditional UNet2DModel folder (e.g. a DDPM checkpoint)")
+    except ValueError:
+        if created:  # a wrong --model leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(args.out)
+        raise
     device = _device(args.device)
     unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).to(device).float().eval()
     schedule = BypassSchedule.parse(args.schedule)

@@ -72,6 +72,11 @@ def test_generate_checks_its_output_folder_before_any_work(tmp_path, capsys):
     assert "--out" in err and "cannot write" in err and "no-model-here" not in err
 
 
+def test_generate_with_a_wrong_model_leaves_no_output_folder(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "no-model-here"), "--out", str(tmp_path / "out")]) == 2
+    assert "no-model-here" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_generate_refuses_a_conditional_unet(tmp_path, capsys):
     from bypass_kernels.presets import build_unet
 
