@@ -52,11 +52,11 @@ _HOST = torch.device("cpu")
 
 # One record per thread and model class (a model is not called inside another of its own class in
 # one thread; one of another class is, by reference networks and guidance tricks, and has its own
-# record), and each entry carries its controller's token: the model's class name, a
-# constant that compiled code shares across instances, copies and patches of one class (a token per
-# controller would make every new patch recompile code shared by a class). ``call``: (token, timestep,
-# frame id) from the carrier, then (token, timestep, frame id, streams, versions) from the span start,
-# under the key ``_record_key(token)``.
+# record), keyed by its controller's token: the model's class name, a constant that compiled code
+# shares across instances, copies and patches of one class (a token per controller would make every
+# new patch recompile code shared by a class). The call's record: (timestep,
+# frame id) from the carrier, then (timestep, frame id, streams, versions) from the span start, under
+# the key ``_record_key(token)``.
 # ``table``: (token, table) from table_for_calls. Written and read as entries of ``_CALLS.__dict__``
 # (this thread's dict), absent between calls: a compiled frame that adds the entry and deletes it
 # again writes nothing back after its graph. Setting an attribute to None instead made Dynamo write
@@ -119,6 +119,8 @@ class KeepTimestep:
         self.scale = controller.carrier.scale
         self.offset = controller.carrier.offset
         self.first_half = controller.carrier.first_half
+        # one flag for the common case (a UNet's time_proj): compiled code then checks one attribute, not three
+        self.as_given = not self.first_half and self.scale == 1.0 and self.offset == 0.0
 
     def __call__(self, carrier, args):
         self.keep(args[0], own_call=False)
@@ -126,16 +128,17 @@ class KeepTimestep:
     def keep(self, timestep, *, own_call: bool) -> None:
         """Start this call's record. ``own_call``: the hook runs in the model's own call (a pre-hook on
         the model), whose frame lives until its forward returns; else the forward's frame is found."""
-        if self.first_half:
-            timestep = timestep[: timestep.shape[0] // 2]
-        if self.scale != 1.0 or self.offset != 0.0:  # in float32: a bfloat16 product can miss its index
-            timestep = timestep.float() * self.scale + self.offset
+        if not self.as_given:
+            if self.first_half:
+                timestep = timestep[: timestep.shape[0] // 2]
+            if self.scale != 1.0 or self.offset != 0.0:  # in float32: a bfloat16 product can miss its index
+                timestep = timestep.float() * self.scale + self.offset
         if is_compiling():
-            _CALLS.__dict__[self.key] = (self.token, timestep, None)
+            _CALLS.__dict__[self.key] = (timestep, None)
         else:
             self.controller.check_call()
             frame = id(sys._getframe(2)) if own_call else self.controller.owner_frame()
-            _CALLS.__dict__[self.key] = (self.token, timestep, frame)
+            _CALLS.__dict__[self.key] = (timestep, frame)
 
 
 class KeepModelTimestep(KeepTimestep):
@@ -170,10 +173,10 @@ class EnterSpan:
         self.clone = controller.clone_inputs
 
     def __call__(self, block, args, kwargs):
-        call = _CALLS.__dict__.get(self.key)
-        if call is None or call[0] != self.token:  # block i called on its own, outside a model call
+        call = _CALLS.__dict__.get(self.key)  # the key is the model class's (its token's)
+        if call is None:  # block i called on its own, outside a model call
             return
-        timestep, frame = call[1], call[2]
+        timestep, frame = call[0], call[1]
         if not is_compiling() and frame is not None and not _on_stack(frame):
             del _CALLS.__dict__[self.key]  # left by a model call that raised before the span end: not this call's
             return
@@ -183,7 +186,7 @@ class EnterSpan:
             streams = tuple(s.clone() if isinstance(s, Tensor) else s for s in streams)
         elif not is_compiling():  # Dynamo cannot branch on version counters; inference tensors have none
             versions = tuple(s._version if isinstance(s, Tensor) and not s.is_inference() else None for s in streams)
-        _CALLS.__dict__[self.key] = (self.token, timestep, frame, streams, versions)
+        _CALLS.__dict__[self.key] = (timestep, frame, streams, versions)
 
 
 class LeaveSpan:
@@ -198,12 +201,12 @@ class LeaveSpan:
 
     def __call__(self, block, args, kwargs, output):
         call = _CALLS.__dict__.get(self.key)
-        if call is None or call[0] != self.token:
+        if call is None:
             return None
         del _CALLS.__dict__[self.key]  # the record ends as it began: absent (nothing for compiled code to write back)
-        if len(call) < 5:  # block j called on its own
+        if len(call) < 4:  # block j called on its own
             return None
-        _, timestep, _, entered, versions = call
+        timestep, _, entered, versions = call
         if versions is not None:
             _check_unchanged(entered, versions)
         table = None
