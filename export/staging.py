@@ -126,9 +126,10 @@ def data_in_use(folder: str) -> set[str]:
     return used
 
 
-def remove_unreferenced_data(folder: str, graph_name: str) -> list[str]:
-    """Remove ``<graph>.<id>.data`` files that no graph in ``folder`` refers to (debris of a kill)."""
-    keep = data_in_use(folder)
+def remove_unreferenced_data(folder: str, graph_name: str, in_use: set[str] | None = None) -> list[str]:
+    """Remove ``<graph>.<id>.data`` files that no graph in ``folder`` refers to (debris of a kill).
+    ``in_use``: :func:`data_in_use` of the folder, when the caller has it already."""
+    keep = data_in_use(folder) if in_use is None else in_use
     pattern = re.compile(re.escape(graph_name) + _DATA_PATTERN + "$")
     removed = []
     for name in os.listdir(folder):
@@ -172,8 +173,9 @@ class Staging:
         with _folder_lock(self.folder):  # debris of killed exports: staging folders, unreferenced weights
             clean_stale(self.folder)
             graphs = {m.group(1) for m in map(_DATA_NAME.match, os.listdir(self.folder)) if m}
+            in_use = data_in_use(self.folder) if graphs else set()  # every graph read once, not once per name
             for graph in graphs:
-                remove_unreferenced_data(self.folder, graph)
+                remove_unreferenced_data(self.folder, graph, in_use)
         name = f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self.path = os.path.join(self.folder, name)
         os.mkdir(self.path, 0o700)
@@ -242,5 +244,5 @@ class Staging:
                     if os.path.basename(name) == name:  # only plain names beside the graph
                         with contextlib.suppress(FileNotFoundError):
                             os.remove(os.path.join(self.folder, name))
-                remove_unreferenced_data(self.folder, graph)
+                remove_unreferenced_data(self.folder, graph, in_use)
         return [os.path.join(self.folder, n) for n in names]
