@@ -23,7 +23,8 @@ Dynamo then needs no guard that two of them reach the same object. Where a value
 A call that raises after the carrier and before the span end leaves its values behind; the next
 model call overwrites them, and in eager mode a block called on its own is checked against the
 frame of the model call that wrote them (a stack walk), so it is never blended with a failed
-call's timestep.
+call's timestep. Compiled code keeps its record under a key of its own, so such a leftover is
+nothing to it, whether it was there when the code was traced or not (see ``_find_record``).
 
 The compiled code never sees a hook come or go (Dynamo does not guard on empty hook dicts), so
 attaching also swaps the class of one module, the *trigger* (the carrier, or the model where the
@@ -56,7 +57,7 @@ _HOST = torch.device("cpu")
 # shares across instances, copies and patches of one class (a token per controller would make every
 # new patch recompile code shared by a class). The call's record: (timestep,
 # frame id) from the carrier, then (timestep, frame id, streams, versions) from the span start, under
-# the key ``_record_key(token)``.
+# one of the keys ``_record_keys(token)`` (compiled code's, eager mode's).
 # ``table``: (token, table) from table_for_calls. Written and read as entries of ``_CALLS.__dict__``
 # (this thread's dict), absent between calls: a compiled frame that adds the entry and deletes it
 # again writes nothing back after its graph. Setting an attribute to None instead made Dynamo write
@@ -115,7 +116,7 @@ class KeepTimestep:
     def __init__(self, controller: BypassController):
         self.controller = controller
         self.token = controller.token
-        self.key = _record_key(self.token)
+        self.keys = _record_keys(self.token)
         self.scale = controller.carrier.scale
         self.offset = controller.carrier.offset
         self.first_half = controller.carrier.first_half
@@ -133,12 +134,14 @@ class KeepTimestep:
                 timestep = timestep[: timestep.shape[0] // 2]
             if self.scale != 1.0 or self.offset != 0.0:  # in float32: a bfloat16 product can miss its index
                 timestep = timestep.float() * self.scale + self.offset
+        calls = _CALLS.__dict__
         if is_compiling():
-            _CALLS.__dict__[self.key] = (timestep, None)
+            calls[self.keys[0]] = (timestep, None)
         else:
             self.controller.check_call()
             frame = id(sys._getframe(2)) if own_call else self.controller.owner_frame()
-            _CALLS.__dict__[self.key] = (timestep, frame)
+            calls.pop(self.keys[0], None)  # a compiled call's, left where it broke its graph and then raised
+            calls[self.keys[1]] = (timestep, frame)
 
 
 class KeepModelTimestep(KeepTimestep):
@@ -168,17 +171,18 @@ class EnterSpan:
     def __init__(self, controller: BypassController):
         self.controller = controller
         self.token = controller.token
-        self.key = _record_key(self.token)
+        self.keys = _record_keys(self.token)
         self.streams = tuple((s.name, s.position) for s in controller.span.streams)
         self.clone = controller.clone_inputs
 
     def __call__(self, block, args, kwargs):
-        call = _CALLS.__dict__.get(self.key)  # the key is the model class's (its token's)
+        calls = _CALLS.__dict__
+        key, call = _find_record(calls, self.keys)
         if call is None:  # block i called on its own, outside a model call
             return
         timestep, frame = call[0], call[1]
         if not is_compiling() and frame is not None and not _on_stack(frame):
-            del _CALLS.__dict__[self.key]  # left by a model call that raised before the span end: not this call's
+            del calls[key]  # left by a model call that raised before the span end: not this call's
             return
         streams = tuple(kwargs[n] if n in kwargs else (args[p] if len(args) > p else None) for n, p in self.streams)
         versions = None
@@ -186,7 +190,7 @@ class EnterSpan:
             streams = tuple(s.clone() if isinstance(s, Tensor) else s for s in streams)
         elif not is_compiling():  # Dynamo cannot branch on version counters; inference tensors have none
             versions = tuple(s._version if isinstance(s, Tensor) and not s.is_inference() else None for s in streams)
-        _CALLS.__dict__[self.key] = (timestep, frame, streams, versions)
+        calls[key] = (timestep, frame, streams, versions)
 
 
 class LeaveSpan:
@@ -195,15 +199,16 @@ class LeaveSpan:
     def __init__(self, controller: BypassController):
         self.controller = controller
         self.token = controller.token
-        self.key = _record_key(self.token)
+        self.keys = _record_keys(self.token)
         self.single = controller.span.single
         self.outputs = tuple((s.output_index, s.blend) for s in controller.span.streams)
 
     def __call__(self, block, args, kwargs, output):
-        call = _CALLS.__dict__.get(self.key)
+        calls = _CALLS.__dict__
+        key, call = _find_record(calls, self.keys)
         if call is None:
             return None
-        del _CALLS.__dict__[self.key]  # the record ends as it began: absent (nothing for compiled code to write back)
+        del calls[key]  # the record ends as it began: absent (nothing for compiled code to write back)
         if len(call) < 4:  # block j called on its own
             return None
         timestep, _, entered, versions = call
@@ -488,10 +493,23 @@ def forward_codes(owner: nn.Module) -> frozenset:
     return frozenset(codes)
 
 
-def _record_key(token: str) -> str:
-    """The per-thread record's key for a model class: an identifier (Dynamo reads dict entries of a
-    thread-local as attributes, whose names cannot hold dots)."""
-    return "call_" + "".join(c if c.isalnum() else "_" for c in token)
+def _record_keys(token: str) -> tuple[str, str]:
+    """The per-thread record's keys for a model class: (written in compiled code, written in eager
+    mode). Identifiers: Dynamo reads dict entries of a thread-local as attributes, whose names cannot
+    hold dots."""
+    key = "call_" + "".join(c if c.isalnum() else "_" for c in token)
+    return key + "_compiled", key
+
+
+def _find_record(calls: dict, keys: tuple[str, str]) -> tuple[str, tuple | None]:
+    """This call's record and its key: the one compiled code wrote, else the eager one. Compiled code
+    that finds its own record never reads the eager key, so an eager call's record left behind (an error
+    or Ctrl-C inside the span) is nothing to the compiled code: Dynamo does not guard on the entries of
+    this dict, and code traced while such a record was there would delete it again on every call."""
+    call = calls.get(keys[0])
+    if call is not None:
+        return keys[0], call
+    return keys[1], calls.get(keys[1])
 
 
 def _on_stack(frame_id: int) -> bool:

@@ -96,6 +96,50 @@ def test_a_call_that_fails_before_the_mid_block_leaves_nothing_behind(unet):
     torch.testing.assert_close(run_unet(unet, inputs), reference(unpatch(copy.deepcopy(unet)), inputs, lambda t: 1.0))
 
 
+class TimedToy(nn.Module):
+    """A time projection (the carrier) before a mid-block, as in a diffusers UNet."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.time_proj = Timesteps()
+        self.conv_in = nn.Conv2d(4, 4, 3, padding=1)
+        self.mid_block = Mid()
+
+    def forward(self, sample, timestep):
+        return self.mid_block(self.conv_in(sample), self.time_proj(timestep)) * 2
+
+
+@pytest.mark.parametrize("order", ["interrupted-then-compiled", "compiled-interrupted-compiled"])
+def test_an_eager_call_interrupted_inside_the_span_does_not_break_compiled_calls(order, monkeypatch):
+    """Ctrl-C (or any error) in an eager call after the timestep was taken and before the span's end
+    leaves that call's record behind; compiled calls after it, traced with or without the record there,
+    give their own λ every time (code traced with it there used to delete it on every call: KeyError),
+    and the next eager call replaces it."""
+    from bypass_kernels import attach
+
+    model = TimedToy().eval()
+    expected = toy_reference(model, SCHEDULE)
+    patch(model, SCHEDULE, timestep_module="time_proj")
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    if order == "compiled-interrupted-compiled":
+        torch.testing.assert_close(call(compiled), expected)
+
+    def interrupted(self, hidden_states, temb=None):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Mid, "forward", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            call(model)
+    assert attach._CALLS.__dict__, "the interrupted call left no record: the test tests nothing"
+    for _ in range(3):  # the first traces (or runs) with the record there
+        torch.testing.assert_close(call(compiled), expected)
+    torch.testing.assert_close(call(model), expected)
+    assert not attach._CALLS.__dict__
+    torch.testing.assert_close(call(compiled), expected)
+
+
 # --------------------------------------------------------------------- exact types
 def test_the_model_and_its_blocks_keep_their_exact_classes(unet):
     classes = {name: type(m) for name, m in unet.named_modules()}
