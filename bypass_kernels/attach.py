@@ -116,7 +116,7 @@ class KeepTimestep:
     def __init__(self, controller: BypassController):
         self.controller = controller
         self.token = controller.token
-        self.keys = _record_keys(self.token)
+        self.compiled_key, self.key = _record_keys(self.token)
         self.scale = controller.carrier.scale
         self.offset = controller.carrier.offset
         self.first_half = controller.carrier.first_half
@@ -136,12 +136,12 @@ class KeepTimestep:
                 timestep = timestep.float() * self.scale + self.offset
         calls = _CALLS.__dict__
         if is_compiling():
-            calls[self.keys[0]] = (timestep, None)
+            calls[self.compiled_key] = (timestep, None)
         else:
             self.controller.check_call()
             frame = id(sys._getframe(2)) if own_call else self.controller.owner_frame()
-            calls.pop(self.keys[0], None)  # a compiled call's, left where it broke its graph and then raised
-            calls[self.keys[1]] = (timestep, frame)
+            calls.pop(self.compiled_key, None)  # a compiled call's, left where it broke its graph and then raised
+            calls[self.key] = (timestep, frame)
 
 
 class KeepModelTimestep(KeepTimestep):
@@ -171,13 +171,13 @@ class EnterSpan:
     def __init__(self, controller: BypassController):
         self.controller = controller
         self.token = controller.token
-        self.keys = _record_keys(self.token)
+        self.compiled_key, self.key = _record_keys(self.token)
         self.streams = tuple((s.name, s.position) for s in controller.span.streams)
         self.clone = controller.clone_inputs
 
     def __call__(self, block, args, kwargs):
         calls = _CALLS.__dict__
-        key, call = _find_record(calls, self.keys)
+        key, call = _find_record(calls, self)
         if call is None:  # block i called on its own, outside a model call
             return
         timestep, frame = call[0], call[1]
@@ -199,13 +199,13 @@ class LeaveSpan:
     def __init__(self, controller: BypassController):
         self.controller = controller
         self.token = controller.token
-        self.keys = _record_keys(self.token)
+        self.compiled_key, self.key = _record_keys(self.token)
         self.single = controller.span.single
         self.outputs = tuple((s.output_index, s.blend) for s in controller.span.streams)
 
     def __call__(self, block, args, kwargs, output):
         calls = _CALLS.__dict__
-        key, call = _find_record(calls, self.keys)
+        key, call = _find_record(calls, self)
         if call is None:
             return None
         del calls[key]  # the record ends as it began: absent (nothing for compiled code to write back)
@@ -501,15 +501,15 @@ def _record_keys(token: str) -> tuple[str, str]:
     return key + "_compiled", key
 
 
-def _find_record(calls: dict, keys: tuple[str, str]) -> tuple[str, tuple | None]:
+def _find_record(calls: dict, hook) -> tuple[str, tuple | None]:
     """This call's record and its key: the one compiled code wrote, else the eager one. Compiled code
     that finds its own record never reads the eager key, so an eager call's record left behind (an error
     or Ctrl-C inside the span) is nothing to the compiled code: Dynamo does not guard on the entries of
     this dict, and code traced while such a record was there would delete it again on every call."""
-    call = calls.get(keys[0])
+    call = calls.get(hook.compiled_key)
     if call is not None:
-        return keys[0], call
-    return keys[1], calls.get(keys[1])
+        return hook.compiled_key, call
+    return hook.key, calls.get(hook.key)  # read only where compiled code has no record: no guard on it
 
 
 def _on_stack(frame_id: int) -> bool:
