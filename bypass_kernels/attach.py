@@ -22,7 +22,8 @@ Dynamo then needs no guard that two of them reach the same object. Where a value
 
 A call that raises after the carrier and before the span end leaves its values behind; the next
 model call overwrites them, and in eager mode a block called on its own is checked against the
-frame of the model call that wrote them (a stack walk), so it is never blended with a failed
+frame of the model call that wrote them (a stack walk; a record without one, from compiled code or
+a carrier called on its own, against the model being called), so it is never blended with a failed
 call's timestep. Compiled code keeps its record under a key of its own, so such a leftover is
 nothing to it, whether it was there when the code was traced or not (see ``_find_record``).
 
@@ -66,6 +67,7 @@ _HOST = torch.device("cpu")
 # thread; writes to a subclass's instance would be lost.)
 _CALLS = threading.local()
 _STACK_DEPTH = 16  # frames between a hook and the model's forward: _call_impl layers, checkpointing
+_OWNER_DEPTH = 64  # frames searched for a call of the model, for a record with no frame id (a rare path)
 # How many table_for_calls are open, in all threads. The span end reads the entry ``table`` only while
 # one is: compiled code that read the absent attribute would check its absence on every call (an
 # AttributeError raised and cleared each time, about 6k instructions).
@@ -181,8 +183,8 @@ class EnterSpan:
         if call is None:  # block i called on its own, outside a model call
             return
         timestep, frame = call[0], call[1]
-        if not is_compiling() and frame is not None and not _on_stack(frame):
-            del calls[key]  # left by a model call that raised before the span end: not this call's
+        if not is_compiling() and not (_on_stack(frame) if frame is not None else self.controller.owner_called()):
+            del calls[key]  # left by a model call that raised before the span end, or by the carrier called alone
             return
         streams = tuple(kwargs[n] if n in kwargs else (args[p] if len(args) > p else None) for n, p in self.streams)
         versions = None
@@ -392,6 +394,20 @@ class BypassController:
                 return id(frame)
             frame = frame.f_back
         return None
+
+    def owner_called(self) -> bool:
+        """Whether a call of the model is under way in this thread (a frame whose ``self`` is the model),
+        for a record that has no frame id: one written by compiled code, or by a carrier whose model
+        frame was not found. Eager mode only, and only for such records."""
+        owner = self.owner
+        frame = sys._getframe(2)
+        for _ in range(_OWNER_DEPTH):
+            if frame is None:
+                return False
+            if frame.f_locals.get("self") is owner:
+                return True
+            frame = frame.f_back
+        return False
 
     def blend(self, block, m, h, timestep, table):
         """Blend one stream; returns a new tensor (compiled, or when autograd needs one), else None (in place)."""

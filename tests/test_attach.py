@@ -140,6 +140,68 @@ def test_an_eager_call_interrupted_inside_the_span_does_not_break_compiled_calls
     torch.testing.assert_close(call(compiled), expected)
 
 
+def test_the_timestep_module_called_alone_leaves_nothing_a_block_called_alone_uses(unet):
+    """``unet.time_proj(t)`` outside a UNet call (to look at the embedding) writes a record no model
+    frame owns; the mid-block called alone afterwards is the plain mid-block."""
+    from bypass_kernels import attach
+
+    inputs = example_inputs(unet, batch=2, timestep=torch.tensor([999, 999]))
+    captured = {}
+    handle = unet.mid_block.register_forward_pre_hook(
+        lambda m, a, k: captured.update(args=a, kwargs=k), with_kwargs=True
+    )
+    run_unet(unet, inputs)
+    handle.remove()
+    with torch.no_grad():
+        plain = unet.mid_block(*captured["args"], **captured["kwargs"])
+        patch(unet, BypassSchedule.constant(1.0))
+        unet.time_proj(torch.tensor([900.0, 900.0]))
+        assert attach._CALLS.__dict__, "the carrier wrote no record: the test tests nothing"
+        assert torch.equal(unet.mid_block(*captured["args"], **captured["kwargs"]), plain)
+    assert not attach._CALLS.__dict__
+
+
+FAIL_NEXT = []
+
+
+@torch.library.custom_op("bypass_kernels_tests::fails_when_told", mutates_args=())
+def fails_when_told(x: torch.Tensor) -> torch.Tensor:
+    """An op that raises at run time inside compiled code when told to (as an out-of-memory error would)."""
+    if FAIL_NEXT:
+        FAIL_NEXT.clear()
+        raise KeyboardInterrupt
+    return x.clone()
+
+
+fails_when_told.register_fake(lambda x: torch.empty_like(x))
+
+
+class FailingMid(Mid):
+    def forward(self, hidden_states, temb=None):
+        return self.conv(fails_when_told(hidden_states))
+
+
+def test_a_compiled_call_interrupted_inside_the_span_leaves_nothing_a_block_called_alone_uses():
+    """The model's own timestep hook runs in a compiled frame of its own, so its record reaches the
+    thread before the span: a compiled call that stops inside the span leaves it there, with no frame
+    id. The mid-block called alone afterwards is the plain mid-block, and the next calls are right."""
+    toy = Toy(FailingMid()).eval()
+    h = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        plain = toy.mid_block(h)
+    expected = toy_reference(toy, SCHEDULE)
+    patch(toy, SCHEDULE)
+    compiled = torch.compile(toy, backend="eager", fullgraph=True)
+    torch.testing.assert_close(call(compiled), expected)
+    FAIL_NEXT.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        call(compiled)
+    with torch.no_grad():
+        assert torch.equal(toy.mid_block(h), plain)
+    torch.testing.assert_close(call(compiled), expected)
+    torch.testing.assert_close(call(toy), expected)
+
+
 # --------------------------------------------------------------------- exact types
 def test_the_model_and_its_blocks_keep_their_exact_classes(unet):
     classes = {name: type(m) for name, m in unet.named_modules()}
