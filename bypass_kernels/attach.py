@@ -340,7 +340,10 @@ class BypassController:
         finally:
             with _OVERRIDES_LOCK:
                 _OPEN_OVERRIDES -= 1
-            _CALLS.table = previous
+            if previous is None:
+                del _CALLS.table  # absent again, as between calls
+            else:
+                _CALLS.table = previous
 
     # ----------------------------------------------------------------- the pipeline
     def link_pipeline(self, pipeline) -> None:

@@ -74,25 +74,40 @@ def test_threads_calling_a_compiled_patched_unet_each_get_their_own_lambda(unet,
     assert not wrong, f"{len(wrong)} of 60 calls got another call's λ"
 
 
-def test_a_call_that_fails_before_the_mid_block_leaves_nothing_behind(unet):
-    """A UNet call that raises between the timestep and the mid-block, then the mid-block on its own:
-    it is the plain mid-block, not blended with the failed call's timestep."""
-    inputs = example_inputs(unet, batch=2, timestep=torch.tensor([999, 999]))
+def records_of(model) -> list[str]:
+    """The per-thread records of ``model``'s class now (other tests' models may have left theirs)."""
+    from bypass_kernels import attach
+
+    return [k for k in attach._CALLS.__dict__ if k in attach._record_keys(model._bypass.token)]
+
+
+def mid_block_call(unet, inputs):
+    """(a function that calls ``unet.mid_block`` alone with the arguments a UNet call gives it, its
+    output now): the block called on its own, outside any UNet call."""
     captured = {}
     handle = unet.mid_block.register_forward_pre_hook(
         lambda m, a, k: captured.update(args=a, kwargs=k), with_kwargs=True
     )
     run_unet(unet, inputs)
     handle.remove()
-    with torch.no_grad():
-        plain = unet.mid_block(*captured["args"], **captured["kwargs"])
+
+    def alone():
+        with torch.no_grad():
+            return unet.mid_block(*captured["args"], **captured["kwargs"])
+
+    return alone, alone()
+
+
+def test_a_call_that_fails_before_the_mid_block_leaves_nothing_behind(unet):
+    """A UNet call that raises between the timestep and the mid-block, then the mid-block on its own:
+    it is the plain mid-block, not blended with the failed call's timestep."""
+    inputs = example_inputs(unet, batch=2, timestep=torch.tensor([999, 999]))
+    mid_block_alone, plain = mid_block_call(unet, inputs)
     patch(unet, BypassSchedule.constant(1.0))
     bad = dict(inputs, encoder_hidden_states=torch.randn(2, 5, 7))  # wrong width: cross-attention raises
     with pytest.raises(RuntimeError):
         run_unet(unet, bad)
-    with torch.no_grad():
-        alone = unet.mid_block(*captured["args"], **captured["kwargs"])
-    assert torch.equal(alone, plain)
+    assert torch.equal(mid_block_alone(), plain)
     torch.testing.assert_close(run_unet(unet, inputs), reference(unpatch(copy.deepcopy(unet)), inputs, lambda t: 1.0))
 
 
@@ -116,7 +131,6 @@ def test_an_eager_call_interrupted_inside_the_span_does_not_break_compiled_calls
     leaves that call's record behind; compiled calls after it, traced with or without the record there,
     give their own λ every time (code traced with it there used to delete it on every call: KeyError),
     and the next eager call replaces it."""
-    from bypass_kernels import attach
 
     model = TimedToy().eval()
     expected = toy_reference(model, SCHEDULE)
@@ -132,33 +146,25 @@ def test_an_eager_call_interrupted_inside_the_span_does_not_break_compiled_calls
         m.setattr(Mid, "forward", interrupted)
         with pytest.raises(KeyboardInterrupt):
             call(model)
-    assert attach._CALLS.__dict__, "the interrupted call left no record: the test tests nothing"
+    assert records_of(model), "the interrupted call left no record: the test tests nothing"
     for _ in range(3):  # the first traces (or runs) with the record there
         torch.testing.assert_close(call(compiled), expected)
     torch.testing.assert_close(call(model), expected)
-    assert not attach._CALLS.__dict__
+    assert not records_of(model)
     torch.testing.assert_close(call(compiled), expected)
 
 
 def test_the_timestep_module_called_alone_leaves_nothing_a_block_called_alone_uses(unet):
     """``unet.time_proj(t)`` outside a UNet call (to look at the embedding) writes a record no model
     frame owns; the mid-block called alone afterwards is the plain mid-block."""
-    from bypass_kernels import attach
 
-    inputs = example_inputs(unet, batch=2, timestep=torch.tensor([999, 999]))
-    captured = {}
-    handle = unet.mid_block.register_forward_pre_hook(
-        lambda m, a, k: captured.update(args=a, kwargs=k), with_kwargs=True
-    )
-    run_unet(unet, inputs)
-    handle.remove()
+    mid_block_alone, plain = mid_block_call(unet, example_inputs(unet, batch=2))
+    patch(unet, BypassSchedule.constant(1.0))
     with torch.no_grad():
-        plain = unet.mid_block(*captured["args"], **captured["kwargs"])
-        patch(unet, BypassSchedule.constant(1.0))
         unet.time_proj(torch.tensor([900.0, 900.0]))
-        assert attach._CALLS.__dict__, "the carrier wrote no record: the test tests nothing"
-        assert torch.equal(unet.mid_block(*captured["args"], **captured["kwargs"]), plain)
-    assert not attach._CALLS.__dict__
+    assert records_of(unet), "the carrier wrote no record: the test tests nothing"
+    assert torch.equal(mid_block_alone(), plain)
+    assert not records_of(unet)
 
 
 FAIL_NEXT = []

@@ -211,6 +211,7 @@ def test_verdict_host_cost_rows(tmp_path):
 
 
 GPU_TESTS = ("test_cuda_graph_replay_matches_eager_every_step", "test_eager_patched_forward_has_no_host_sync")
+GPU_PARAMETRIZED = "test_backend_matches_reference"  # its cuda cases marked, its cpu cases not
 
 
 def test_every_test_that_needs_a_gpu_is_selected_by_the_gpu_mark(request):
@@ -225,15 +226,15 @@ def test_every_test_that_needs_a_gpu_is_selected_by_the_gpu_mark(request):
         marked = subprocess.run([*cmd, "-m", "gpu or tensorrt", *files], capture_output=True, text=True, cwd=root)
         for name in GPU_TESTS:
             assert name in marked.stdout, marked.stdout[-2000:]
-        assert "test_backend_matches_reference[cpu-" not in marked.stdout
+        assert not any(GPU_PARAMETRIZED in line and "-cpu-" in line for line in marked.stdout.splitlines())
         return
 
     def selected(item) -> bool:
         return not {"gpu", "tensorrt"}.isdisjoint(mark.name for mark in item.iter_markers())
 
     assert all(selected(items[name]) for name in GPU_TESTS)
-    cpu = [item for name, item in items.items() if name.startswith("test_backend_matches_reference[cpu-")]
-    assert cpu and not any(selected(item) for item in cpu)
+    params = [(i.callspec.params["device"], i) for i in items.values() if i.originalname == GPU_PARAMETRIZED]
+    assert params and all(selected(item) == (device == "cuda") for device, item in params)
 
 
 def test_gpu_check_dry_run_skips_gpu_steps_and_prints_the_verdict(tmp_path):
