@@ -117,8 +117,7 @@ class KeepTimestep:
 
     def __init__(self, controller: BypassController):
         self.controller = controller
-        self.token = controller.token
-        self.compiled_key, self.key = _record_keys(self.token)
+        self.compiled_key, self.key = _record_keys(controller.token)
         self.scale = controller.carrier.scale
         self.offset = controller.carrier.offset
         self.first_half = controller.carrier.first_half
@@ -172,8 +171,7 @@ class EnterSpan:
 
     def __init__(self, controller: BypassController):
         self.controller = controller
-        self.token = controller.token
-        self.compiled_key, self.key = _record_keys(self.token)
+        self.compiled_key, self.key = _record_keys(controller.token)
         self.streams = tuple((s.name, s.position) for s in controller.span.streams)
         self.clone = controller.clone_inputs
 
@@ -218,7 +216,7 @@ class LeaveSpan:
             _check_unchanged(entered, versions)
         table = None
         if _OPEN_OVERRIDES:
-            override = _CALLS.__dict__.get("table")
+            override = calls.get("table")
             table = override[1] if override is not None and override[0] == self.token else None
         controller = self.controller
         if self.single:
@@ -389,28 +387,15 @@ class BypassController:
     def owner_frame(self) -> int | None:
         """The id of the model's forward frame that is calling the carrier (eager mode), or None
         where it is not found (a forward replaced by the user's own)."""
-        frame = sys._getframe(3)
-        for _ in range(_STACK_DEPTH):
-            if frame is None:
-                return None
-            if frame.f_code in self._owner_codes:
-                return id(frame)
-            frame = frame.f_back
-        return None
+        codes = self._owner_codes
+        return next((id(f) for f in _callers(sys._getframe(3), _STACK_DEPTH) if f.f_code in codes), None)
 
     def owner_called(self) -> bool:
         """Whether a call of the model is under way in this thread (a frame whose ``self`` is the model),
         for a record that has no frame id: one written by compiled code, or by a carrier whose model
         frame was not found. Eager mode only, and only for such records."""
         owner = self.owner
-        frame = sys._getframe(2)
-        for _ in range(_OWNER_DEPTH):
-            if frame is None:
-                return False
-            if frame.f_locals.get("self") is owner:
-                return True
-            frame = frame.f_back
-        return False
+        return any(f.f_locals.get("self") is owner for f in _callers(sys._getframe(2), _OWNER_DEPTH))
 
     def blend(self, block, m, h, timestep, table):
         """Blend one stream; returns a new tensor (compiled, or when autograd needs one), else None (in place)."""
@@ -531,15 +516,17 @@ def _find_record(calls: dict, hook) -> tuple[str, tuple | None]:
     return hook.key, calls.get(hook.key)  # read only where compiled code has no record: no guard on it
 
 
-def _on_stack(frame_id: int) -> bool:
-    frame = sys._getframe(2)
-    for _ in range(_STACK_DEPTH):
+def _callers(frame, depth: int) -> Iterator:
+    """``frame`` and its callers, ``depth`` frames at most."""
+    for _ in range(depth):
         if frame is None:
-            return False
-        if id(frame) == frame_id:
-            return True
+            return
+        yield frame
         frame = frame.f_back
-    return False
+
+
+def _on_stack(frame_id: int) -> bool:
+    return any(id(f) == frame_id for f in _callers(sys._getframe(2), _STACK_DEPTH))
 
 
 def _check_unchanged(entered: tuple, versions: tuple) -> None:
