@@ -115,6 +115,9 @@ class Carrier:
 class KeepTimestep:
     """Pre-hook on the carrier: its first argument is this call's [batch] timestep."""
 
+    # Slots: compiled code then need not check that an instance attribute shadows __call__ (one guard per hook)
+    __slots__ = ("as_given", "compiled_key", "controller", "first_half", "key", "offset", "scale")
+
     def __init__(self, controller: BypassController):
         self.controller = controller
         self.compiled_key, self.key = _record_keys(controller.token)
@@ -125,6 +128,9 @@ class KeepTimestep:
         self.as_given = not self.first_half and self.scale == 1.0 and self.offset == 0.0
 
     def __call__(self, carrier, args):
+        if self.as_given and is_compiling():  # the common case in compiled code, written out: fewer guards
+            _CALLS.__dict__[self.compiled_key] = (args[0], None)
+            return
         self.keep(args[0], own_call=False)
 
     def keep(self, timestep, *, own_call: bool) -> None:
@@ -148,6 +154,8 @@ class KeepTimestep:
 class KeepModelTimestep(KeepTimestep):
     """Pre-hook on the model itself: the timestep from its arguments."""
 
+    __slots__ = ("name", "position")
+
     def __init__(self, controller: BypassController):
         super().__init__(controller)
         self.name, self.position = controller.carrier.arg
@@ -168,6 +176,8 @@ class KeepModelTimestep(KeepTimestep):
 
 class EnterSpan:
     """Pre-hook on block i: keeps the streams entering the span."""
+
+    __slots__ = ("clone", "compiled_key", "controller", "key", "streams")
 
     def __init__(self, controller: BypassController):
         self.controller = controller
@@ -196,6 +206,8 @@ class EnterSpan:
 class LeaveSpan:
     """Hook on block j: blends each stream of its output with the span's input."""
 
+    __slots__ = ("compiled_key", "controller", "key", "outputs", "single", "token")
+
     def __init__(self, controller: BypassController):
         self.controller = controller
         self.token = controller.token
@@ -218,9 +230,9 @@ class LeaveSpan:
         if _OPEN_OVERRIDES:
             override = calls.get("table")
             table = override[1] if override is not None and override[0] == self.token else None
-        controller = self.controller
+        controller = self.controller  # read by compiled code only as an argument: no guard on it
         if self.single:
-            return controller.blend(block, output, entered[0], timestep, table)
+            return blend_stream(controller, block, output, entered[0], timestep, table)
         if not isinstance(output, (tuple, list)):
             raise TypeError(
                 f"bypass_kernels: block {type(block).__name__} returned {type(output).__name__}, "
@@ -231,7 +243,7 @@ class LeaveSpan:
             m = output[index]
             if not blended or m is None or h is None:
                 continue  # a stream left as it is, or one this block does not return (SD3's last: no text)
-            new = controller.blend(block, m, h, timestep, table)
+            new = blend_stream(controller, block, m, h, timestep, table)
             if new is not None:
                 rebuilt = list(output) if rebuilt is None else rebuilt
                 rebuilt[index] = new
@@ -296,6 +308,8 @@ class BypassController:
         self.trigger = trigger
         self.clone_inputs = clone_inputs
         self.token = f"{type(owner).__module__}.{type(owner).__qualname__}"
+        # One table per device, in one dict that the span's last block also holds (``_bypass_tables``):
+        # compiled code reads it there, through the model, not through the hook and this controller.
         self._tables: dict[torch.device, torch.Tensor] = {_HOST: schedule.table(_HOST)}
         self._pipeline: Callable | None = None  # weakref to the pipeline patched through, if any
         self._handles: list = []
@@ -310,16 +324,14 @@ class BypassController:
 
     def table_on(self, device: torch.device) -> torch.Tensor:
         """The table on ``device``, copied there once; later schedules are written into that copy."""
-        table = self._tables.get(device)
-        if table is None:
-            table = self._tables[device] = self._tables[_HOST].to(device)
-        return table
+        return table_on(self._tables, device)
 
     def write(self, schedule: BypassSchedule) -> None:
         """Write ``schedule`` into every copy of the table, in place (same storage: no recompile)."""
         host = schedule.table(_HOST)
-        if host.shape != self.table.shape:
-            self._tables = {_HOST: host}  # a new length: new tables (compiled code recompiles once)
+        if host.shape != self.table.shape:  # a new length: new tables (compiled code recompiles once)
+            self._tables.clear()  # the same dict, which the span's last block holds too
+            self._tables[_HOST] = host
         else:
             for table in self._tables.values():
                 table.copy_(host)
@@ -397,50 +409,6 @@ class BypassController:
         owner = self.owner
         return any(f.f_locals.get("self") is owner for f in _callers(sys._getframe(2), _OWNER_DEPTH))
 
-    def blend(self, block, m, h, timestep, table):
-        """Blend one stream; returns a new tensor (compiled, or when autograd needs one), else None (in place)."""
-        if not isinstance(m, Tensor) or not isinstance(h, Tensor):
-            raise TypeError(
-                f"bypass_kernels: the span must take and return tensors, got {type(h).__name__} -> "
-                f"{type(m).__name__} at {type(block).__name__}; unpatch this model"
-            )
-        if m.shape != h.shape:
-            raise ValueError(
-                f"bypass_kernels: the bypassed blocks changed the shape {tuple(h.shape)} -> {tuple(m.shape)}; "
-                "the bypass needs blocks whose output has their input's shape. Unpatch with bypass_kernels.unpatch()."
-            )
-        if m is h:  # an identity span: the blend is the identity too
-            return None
-        if table is None:
-            table = self.table_on(m.device)
-        t = _per_sample(timestep, m.shape[0])
-        n = t.numel()
-        if n != 1 and n != m.shape[0] and m.dim() >= 3 and n == m.shape[0] * m.shape[1]:
-            return self._blend_tokens(m, h, table, t)
-        if is_compiling():  # plain ops, out of place: what the compiler fuses into the block's last kernel
-            return blend_reference(m, h, table, t)
-        if torch.is_grad_enabled() and (m.requires_grad or h.requires_grad):
-            return blend(m, h, table, t, backend=self.backend)
-        blend_(m, h, table, t, backend=self.backend)
-        return None
-
-    def _blend_tokens(self, m, h, table, t):
-        """A timestep per token (LTX's image-to-video and condition pipelines, Wan 2.2 TI2V: [batch,
-        tokens], flattened sample-major by the model): each token takes its own λ, as a batch of
-        batch·tokens samples. Conditioning tokens at t = 0 then take λ(0)."""
-        rows = (m.shape[0] * m.shape[1], *m.shape[2:])
-        h_rows = h.reshape(rows)
-        if is_compiling():
-            return blend_reference(m.reshape(rows), h_rows, table, t).reshape(m.shape)
-        if torch.is_grad_enabled() and (m.requires_grad or h.requires_grad):
-            return blend(m.reshape(rows), h_rows, table, t, backend=self.backend).reshape(m.shape)
-        try:
-            m_rows = m.view(rows)  # the same memory: blended in place
-        except RuntimeError:
-            return blend(m.reshape(rows), h_rows, table, t, backend=self.backend).reshape(m.shape)
-        blend_(m_rows, h_rows, table, t, backend=self.backend)
-        return None
-
     # ----------------------------------------------------------------- install / remove
     def install(self) -> None:
         """Attach: all or nothing (on any failure the model is left as it was)."""
@@ -452,6 +420,7 @@ class BypassController:
             self._handles.append(hook)
             self._handles.append(self.span.first.register_forward_pre_hook(EnterSpan(self), with_kwargs=True))
             self._handles.append(self.span.last.register_forward_hook(LeaveSpan(self), with_kwargs=True))
+            self.span.last.__dict__[_TABLES] = self._tables
             base = type(self.trigger)
             self.trigger.__class__ = marker_class(base)
             self._swapped = (self.trigger, base)
@@ -463,6 +432,8 @@ class BypassController:
         for handle in reversed(self._handles):
             handle.remove()
         self._handles = []
+        if self.span.last.__dict__.get(_TABLES) is self._tables:
+            del self.span.last.__dict__[_TABLES]
         if self._swapped is not None:
             module, base = self._swapped
             if is_marked(module):
@@ -471,6 +442,61 @@ class BypassController:
 
 
 _HOOKS = (KeepTimestep, EnterSpan, LeaveSpan)  # KeepModelTimestep is a KeepTimestep
+_TABLES = "_bypass_tables"  # the attribute of the span's last block that holds the controller's tables
+
+
+def table_on(tables: dict, device: torch.device) -> torch.Tensor:
+    """The table on ``device`` from a controller's tables, copied there once from the host table."""
+    table = tables.get(device)
+    if table is None:
+        table = tables[device] = tables[_HOST].to(device)
+    return table
+
+
+def blend_stream(controller: BypassController, block, m, h, timestep, table):
+    """Blend one stream of the span's output; returns a new tensor (compiled code, or where autograd
+    needs one), else None (blended in place). Compiled code reads the tables from ``block`` and
+    nothing of ``controller`` (its backend chooses eager kernels), so it guards neither."""
+    if not isinstance(m, Tensor) or not isinstance(h, Tensor):
+        raise TypeError(
+            f"bypass_kernels: the span must take and return tensors, got {type(h).__name__} -> "
+            f"{type(m).__name__} at {type(block).__name__}; unpatch this model"
+        )
+    if m.shape != h.shape:
+        raise ValueError(
+            f"bypass_kernels: the bypassed blocks changed the shape {tuple(h.shape)} -> {tuple(m.shape)}; "
+            "the bypass needs blocks whose output has their input's shape. Unpatch with bypass_kernels.unpatch()."
+        )
+    if m is h:  # an identity span: the blend is the identity too
+        return None
+    if table is None:
+        table = table_on(block._bypass_tables, m.device)
+    t = _per_sample(timestep, m.shape[0])
+    n = t.numel()
+    rows = None
+    if n != 1 and n != m.shape[0] and m.dim() >= 3 and n == m.shape[0] * m.shape[1]:
+        # A timestep per token (LTX's image-to-video and condition pipelines, Wan 2.2 TI2V: [batch, tokens],
+        # flattened sample-major by the model): each token takes its own λ, as a batch of batch·tokens
+        # samples. Conditioning tokens at t = 0 then take λ(0).
+        rows = (m.shape[0] * m.shape[1], *m.shape[2:])
+        h = h.reshape(rows)
+    if is_compiling():  # plain ops, out of place: what the compiler fuses into the block's last kernel
+        if rows is None:
+            return blend_reference(m, h, table, t)
+        return blend_reference(m.reshape(rows), h, table, t).reshape(m.shape)
+    flat = m if rows is None else _view(m, rows)  # the same memory, to blend in place
+    if flat is None or (torch.is_grad_enabled() and (m.requires_grad or h.requires_grad)):
+        new = blend(m if rows is None else m.reshape(rows), h, table, t, backend=controller.backend)
+        return new if rows is None else new.reshape(m.shape)
+    blend_(flat, h, table, t, backend=controller.backend)
+    return None
+
+
+def _view(tensor: Tensor, shape: tuple) -> Tensor | None:
+    try:
+        return tensor.view(shape)
+    except RuntimeError:  # strides no view of that shape can have
+        return None
 
 
 def owner_of(module: nn.Module) -> BypassController | None:
