@@ -576,13 +576,46 @@ def _per_sample(timestep: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def check_scheduler_T(pipeline, schedule: BypassSchedule) -> None:
-    """A pipeline whose scheduler has another ``num_train_timesteps`` than the table: refused."""
+    """A pipeline whose scheduler has another ``num_train_timesteps`` than the table, or gives the
+    model continuous noise levels instead of timesteps (judged once per scheduler object): refused."""
     T = scheduler_T(pipeline)
     if T is not None and schedule.num_train_timesteps != T:
         raise ValueError(
             f"schedule: built for num_train_timesteps={schedule.num_train_timesteps}, but the pipeline's scheduler "
             f"has {T}; build it with num_train_timesteps={T} and call bypass_kernels.set_schedule(pipe, schedule)"
         )
+    scheduler = getattr(pipeline, "scheduler", None)
+    if T is None or scheduler is None or schedule.max_strength == 0 or _judged(scheduler, schedule):
+        return
+    from bypass_kernels.schedule import timestep_index
+    from bypass_kernels.steps import continuous_noise_levels, visited_timesteps
+
+    try:
+        visited = visited_timesteps(scheduler, 10)
+    except ValueError:  # a scheduler that needs more than a step count to set its timesteps (a shift mu)
+        return
+    why = continuous_noise_levels(visited, T, type(scheduler).__name__)
+    table = schedule.table()
+    if why is not None and all(table[timestep_index(min(max(t, 0.0), T - 1.0), T)] == 0 for t in visited):
+        raise ValueError(
+            f"bypass_kernels: the pipeline's scheduler {why}: {schedule!r} is 0 at every step, so the bypass "
+            "would never act. Use a scheduler with discrete timesteps (DDIM, DPMSolverMultistep, Euler, UniPC...), "
+            "or a schedule that is not 0 at timestep 0 (BypassSchedule.constant(0.3), say)"
+        )
+    with contextlib.suppress(TypeError):  # an object that cannot be weakly referenced is judged on every call
+        _JUDGED_SCHEDULERS[scheduler] = schedule
+
+
+# The schedule each scheduler was last judged with (a deep copy and set_timesteps each), while it lives
+_JUDGED_SCHEDULERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _judged(scheduler, schedule: BypassSchedule) -> bool:
+    try:
+        judged = _JUDGED_SCHEDULERS.get(scheduler)
+    except TypeError:
+        return False
+    return judged is schedule or (judged is not None and judged == schedule)
 
 
 def scheduler_T(pipeline) -> int | None:

@@ -91,8 +91,8 @@ def _as_schedule(schedule, pipeline) -> BypassSchedule:
     as the command line takes it (``"linear:0.3:500"``), or a dict from ``to_dict()``."""
     T = scheduler_T(pipeline) or 1000
     if schedule is None:
-        return default_schedule(num_train_timesteps=T)
-    if isinstance(schedule, (str, dict)):
+        schedule = default_schedule(num_train_timesteps=T)
+    elif isinstance(schedule, (str, dict)):
         schedule = BypassSchedule.parse(schedule, num_train_timesteps=T)
     if not isinstance(schedule, BypassSchedule):
         raise TypeError(

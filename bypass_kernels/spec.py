@@ -39,8 +39,9 @@ KEYS = {
 }
 
 
-def from_dict(cls, data: Mapping[str, Any]):
-    """The schedule a record describes; every key is checked."""
+def from_dict(cls, data: Mapping[str, Any], num_train_timesteps: int = 1000):
+    """The schedule a record describes; every key is checked. A record without ``num_train_timesteps``
+    (one written by hand) is built for ``num_train_timesteps``: the model's or the pipeline's, where known."""
     if not isinstance(data, Mapping):
         raise TypeError(f"expected a mapping from to_dict(), got {type(data).__name__}")
     if "shape" not in data:
@@ -56,8 +57,8 @@ def from_dict(cls, data: Mapping[str, Any]):
     if unknown:
         raise ValueError(f"{shape} schedule: unexpected key {unknown[0]!r}")
     if shape == "for_scheduler":
-        return _for_scheduler(cls, data)
-    T = data.get("num_train_timesteps", 1000)
+        return _for_scheduler(cls, data, num_train_timesteps)
+    T = data.get("num_train_timesteps", num_train_timesteps)
     if shape == "table":
         return cls.from_table(data["values"], num_train_timesteps=T)
     if shape == "steps":
@@ -65,7 +66,7 @@ def from_dict(cls, data: Mapping[str, Any]):
     return getattr(cls, shape)(data["strength"], data.get("t_min", 0), data.get("t_max"), num_train_timesteps=T)
 
 
-def _for_scheduler(cls, data: Mapping[str, Any]):
+def _for_scheduler(cls, data: Mapping[str, Any], default_T: int):
     N = check_num_inference_steps(data["num_inference_steps"])
     s = check_strength(data["strength"])
     a, b = check_fraction(data.get("start", 0.0), "start"), check_fraction(data.get("end", 1.0), "end")
@@ -79,7 +80,7 @@ def _for_scheduler(cls, data: Mapping[str, Any]):
         scheduler = build_scheduler(spec, None if T is None else check_T(T))
         return cls.for_scheduler(scheduler, N, s, start=a, end=b, shape=ramp, mu=mu, sigmas=sigmas)
     # the resolved timesteps are authoritative: no scheduler (nor diffusers) is needed to rebuild
-    T = check_T(data.get("num_train_timesteps", 1000))
+    T = check_T(data.get("num_train_timesteps", default_T))
     name = spec.get("_class_name") if isinstance(spec, Mapping) else spec
     if not isinstance(name, str) or not name:
         raise TypeError(f"scheduler: expected a scheduler class name, got {short_repr(spec)}")
@@ -99,7 +100,7 @@ def parse(cls, spec, num_train_timesteps: int):
     if spec is None or isinstance(spec, cls):
         return spec
     if isinstance(spec, Mapping):
-        return from_dict(cls, spec)
+        return from_dict(cls, spec, num_train_timesteps)
     if not isinstance(spec, str):
         raise TypeError(f"schedule spec: expected a string, got {type(spec).__name__}")
     text = spec.strip()
@@ -108,14 +109,14 @@ def parse(cls, spec, num_train_timesteps: int):
     if text in ("off", "none"):
         return cls.constant(0.0, num_train_timesteps=num_train_timesteps)
     if text.startswith("{"):
-        return from_dict(cls, json_object(text, "schedule spec"))
+        return from_dict(cls, json_object(text, "schedule spec"), num_train_timesteps)
     if text.endswith(".json") or os.path.isfile(text):
         try:
             with open(text, encoding="utf-8") as f:
                 content = f.read()
         except OSError as exc:
             raise ValueError(f"schedule spec: cannot read {text!r}: {exc.strerror or exc}") from None
-        return from_dict(cls, json_object(content, f"schedule spec {text!r}"))
+        return from_dict(cls, json_object(content, f"schedule spec {text!r}"), num_train_timesteps)
     parts = text.split(":")
     if parts[0] == "for_scheduler":
         return _parse_for_scheduler(cls, spec, parts[1:], num_train_timesteps)

@@ -55,7 +55,7 @@ def visited_timesteps(scheduler: Any, N: int, *, mu: float | None = None, sigmas
             work.set_timesteps(**kwargs)
         else:
             work.set_timesteps(N, **kwargs)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # the scheduler's own failure (ZeroDivisionError, KeyError...), named as ours
         hint = ""
         if mu is None and getattr(work.config, "use_dynamic_shifting", False):
             hint = " (this scheduler shifts by image size: pass mu, or use BypassSchedule.for_pipeline)"
@@ -72,6 +72,20 @@ def visited_timesteps(scheduler: Any, N: int, *, mu: float | None = None, sigmas
         if not math.isfinite(t):
             raise ValueError(f"scheduler.timesteps[{i}]: expected a finite timestep, got {t!r}")
     return timesteps
+
+
+def continuous_noise_levels(timesteps: list[float], T: int, name: str) -> str | None:
+    """Why a scheduler's timesteps are no timesteps in [0, T) but a continuous noise level (EDM's
+    ln(σ)/4: EDMEuler, EDMDPMSolverMultistep, Euler with timestep_type="continuous" as SVD and CosXL
+    use; a cosine or score-SDE scheduler's t in [0, 1]), or None. The table is read by timestep, so
+    every step of such a scheduler reads index 0 or 1."""
+    lo, hi = min(timesteps), max(timesteps)
+    if lo < -0.5 or (len(set(timesteps)) > 1 and hi < 0.02 * T):
+        return (
+            f"{name} gives the model timesteps from {lo:.3g} to {hi:.3g}, a continuous noise level (such as "
+            f"EDM's ln(sigma)/4), not timesteps in [0, {T}), and λ is read by timestep"
+        )
+    return None
 
 
 def ramp(shape: str, s: float, a: float, b: float, p: float) -> float:

@@ -77,6 +77,39 @@ def test_pipeline_scheduler_length_is_checked(pipe):
     assert not bypass_kernels.is_patched(pipe)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: diffusers.EDMEulerScheduler(),
+        lambda: diffusers.EDMDPMSolverMultistepScheduler(),
+        lambda: diffusers.EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction"),
+    ],
+    ids=["edm-euler", "edm-dpmsolver", "euler-continuous"],
+)
+def test_a_scheduler_of_continuous_noise_levels_is_refused(pipe, make):
+    """EDM-style schedulers (Playground v2.5, CosXL) give the UNet ln(σ)/4, about −1.6 to 1.1: every step
+    read λ at index 0 or 1, and the default schedule silently did nothing. Such a schedule is refused at
+    patch, and at the first call after such a scheduler is swapped in; one that acts there is not."""
+    original = pipe.scheduler
+    pipe.scheduler = make()
+    try:
+        with pytest.raises(ValueError, match="continuous noise level"):
+            bypass_kernels.patch(pipe)
+        assert not bypass_kernels.is_patched(pipe)
+        bypass_kernels.patch(pipe, BypassSchedule.constant(0.3))  # λ = 0.3 at every timestep: it acts
+        bypass_kernels.unpatch(pipe)
+        with pytest.raises(ValueError, match="continuous noise level"):
+            BypassSchedule.for_scheduler(pipe.scheduler, 10, 0.5)
+        pipe.scheduler = original
+        bypass_kernels.patch(pipe)
+        pipe.scheduler = make()
+        with pytest.raises(ValueError, match="continuous noise level"):
+            t2i(pipe)
+    finally:
+        pipe.scheduler = original
+        bypass_kernels.unpatch(pipe)
+
+
 def test_patched_pipeline_with_compiled_unet_compiles_once(pipe):
     """``pipe.unet = torch.compile(pipe.unet, fullgraph=True)`` on a patched pipeline: text-to-image
     and image-to-image at two strengths (different timesteps, different starting points down the

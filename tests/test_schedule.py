@@ -122,6 +122,19 @@ def test_parse_specs(tmp_path):
         BypassSchedule.parse("zigzag:0.3")
 
 
+def test_a_spec_without_its_own_T_takes_the_one_given_in_every_form(tmp_path):
+    """A hand-written JSON spec follows the pipeline's num_train_timesteps as the string form does (it
+    was built for 1000 and refused on a T = 2000 scheduler); a record that names its T keeps it."""
+    record = {"shape": "linear", "strength": 0.3, "t_min": 500}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(record))
+    expected = BypassSchedule.linear(0.3, t_min=500, num_train_timesteps=2000)
+    for spec in ("linear:0.3:500", record, json.dumps(record), str(path)):
+        assert BypassSchedule.parse(spec, num_train_timesteps=2000) == expected, spec
+    own = BypassSchedule.linear(0.3, t_min=500).to_dict()
+    assert BypassSchedule.parse(own, num_train_timesteps=2000).num_train_timesteps == 1000
+
+
 @pytest.mark.parametrize(
     ("call", "exc", "match"),
     [
@@ -427,6 +440,13 @@ def test_for_scheduler_timesteps_past_the_table_read_its_end():
     assert s.weight(1000.0) == s.weight(999) == 0.5
     assert s.to_dict()["timesteps"] == [1000.0, 667.0, 334.0, 1.0]
     assert s.table().tolist() == _nearest({999: 0.5, 667: 0.5, 334: 0.5, 1: 0.5})
+
+
+def test_for_scheduler_names_the_argument_when_the_scheduler_itself_fails():
+    from diffusers import UnCLIPScheduler
+
+    with pytest.raises(ValueError, match=r"num_inference_steps: UnCLIPScheduler.set_timesteps\(1\) failed"):
+        BypassSchedule.for_scheduler(UnCLIPScheduler(), 1, 0.3)  # diffusers' own ZeroDivisionError
 
 
 def test_for_scheduler_serialises_and_parses():
