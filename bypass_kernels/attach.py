@@ -16,8 +16,10 @@ controller's token: the carrier sets it, the span start extends it, the span end
 deletes it. Under torch.compile the hooks of submodules run inside the model's own compiled frame,
 so the timestep is data flow of that frame, shared with no other call or thread, and the frame
 gains no frame of its own (hooks on the model itself run outside the frame ``torch.compile(model)``
-compiles, one Python call per step). The hooks share nothing but that global and constants:
-Dynamo then needs no guard that two of them reach the same object. Where a value must cross frames
+compiles, one Python call per step). The hooks share nothing but that global and constants, and
+the span end reads the λ tables from its own block (``_bypass_tables``, the controller's dict), not
+through the controller: Dynamo then needs no guard that two of them reach the same object, and
+fetches the table through the model, not through a hook dictionary. Where a value must cross frames
 (a graph break between carrier and span), Dynamo reads the thread-local per thread.
 
 A call that raises after the carrier and before the span end leaves its values behind; the next
