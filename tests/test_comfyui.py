@@ -290,3 +290,78 @@ def test_the_example_workflow_validates_and_runs(comfy, sd15):
         patched, 0, 2, sampler["cfg"], sampler["sampler_name"], sampler["scheduler"], cond, cond, {"samples": latent}
     )[0]["samples"]
     assert torch.isfinite(out).all() and out.shape == latent.shape
+
+
+def _spy_blends(monkeypatch):
+    """Every blend the node makes: (rows blended, t read, λ read), from the kernel's own arguments."""
+    import bypass_kernels.comfyui.bypass as bypass
+
+    seen = []
+    real = bypass._blend
+
+    def spy(m, h, call):
+        table, t = call
+        index = t.float().round().clamp(0, table.numel() - 1).long()
+        seen.append((m.shape[1], t.flatten().tolist(), table[index].flatten().tolist()))
+        return real(m, h, call)
+
+    monkeypatch.setattr(bypass, "_blend", spy)
+    return seen
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["flux", "after-ModelSamplingFlux"])
+def test_flux_reads_lambda_at_1000_sigma(comfy, monkeypatch, shifted):
+    """ComfyUI's Flux model sampling gives σ as the timestep: the table is read at 1000·σ. (Its
+    model-sampling classes are built on the fly, so the Flux one was never recognised by name and every
+    step read λ at index 0 or 1; a constant λ could not show it.)"""
+    from bypass_kernels import BypassSchedule
+
+    model, cond, latent = cb.tiny_model("flux")
+    if shifted:
+        from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+
+        model = ModelSamplingFlux().patch(model, 1.15, 0.5, 64, 64)[0]
+    seen = _spy_blends(monkeypatch)
+    cb.sample(node(model, 1.0, span="1-2"), cond, latent, scheduler="simple", cfg=1.0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 3)[:-1]
+    schedule = BypassSchedule.linear(1.0, 0, 999)
+    assert [round(t[0]) for _, t, _ in seen] == [round(1000 * float(s)) for s in sigmas]
+    assert [lam[0] for _, _, lam in seen] == pytest.approx([schedule.weight(1000 * float(s)) for s in sigmas])
+    assert seen[0][2][0] > 0.5  # the first, noisiest step acts
+
+
+def test_flux_single_block_span_with_image_streams_leaves_the_text_tokens(comfy, monkeypatch):
+    """Inside Flux's single blocks the stream is [txt; img]: streams='image' blends the image tokens
+    only (it blended the whole sequence, the same as 'all')."""
+    model, cond, latent = cb.tiny_model("flux")
+    seen = _spy_blends(monkeypatch)
+    image = cb.sample(node(model, 1.0, shape="constant", span="2", streams="image"), cond, latent, scheduler="simple")
+    image_rows = {rows for rows, _, _ in seen}
+    seen.clear()
+    everything = cb.sample(node(model, 1.0, shape="constant", span="2"), cond, latent, scheduler="simple")
+    joint_rows = {rows for rows, _, _ in seen}
+    text_tokens = cond[0][0].shape[1]
+    assert joint_rows == {rows + text_tokens for rows in image_rows}, (image_rows, joint_rows)
+    assert not torch.allclose(image, everything, atol=1e-5)
+
+
+def test_continuous_noise_level_models_refuse_a_timestep_schedule_that_would_not_act(comfy, sd15):
+    """CosXL and Playground v2.5 sample with ModelSamplingContinuousEDM: the timestep is ln(σ)/4, so a
+    window in timesteps read λ at t ≈ 0 and did nothing. Refused at the first call with what to use;
+    the fraction of sampling acts."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+
+    model, cond, latent = sd15
+    edm = ModelSamplingContinuousEDM().patch(model, "v_prediction", 120.0, 0.002)[0]
+    with pytest.raises(ValueError, match="fraction of sampling"):
+        cb.sample(node(edm, 0.5, start=500.0), cond, latent)
+    plain = cb.sample(edm, cond, latent)
+    bypassed = cb.sample(node(edm, 1.0, window="fraction of sampling", start=0.0, end=0.5), cond, latent)
+    assert not torch.allclose(bypassed, plain, atol=1e-4)
+    cb.sample(node(edm, 0.5, shape="constant", start=0.0), cond, latent)  # λ = 0.5 at every timestep: it acts
+
+
+@pytest.mark.parametrize(("start", "end"), [(0.0, 0.4), (0.0, 1000.0), (100.5, 900.0), (500.0, 500.0)])
+def test_a_timesteps_window_takes_whole_timesteps_below_1000(comfy, sd15, start, end):
+    with pytest.raises(ValueError, match=r"whole training timesteps 0 <= start < end <= 999"):
+        node(sd15[0], 0.3, start=start, end=end)

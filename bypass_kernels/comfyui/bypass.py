@@ -27,6 +27,8 @@ from bypass_kernels.schedule import BypassSchedule
 from bypass_kernels.targets import default_span
 
 KEY = "bypass_kernels"  # wrapper, injection and model_options key
+# Model samplings whose timestep is a continuous noise level (CosXL, Playground v2.5): it reads table index 0 or 1
+CONTINUOUS = {"ModelSamplingContinuousEDM", "ModelSamplingContinuousV"}
 PRESETS = {"sd3": {"sd3.5-slg": (7, 9)}, "flux": {}}
 
 
@@ -97,6 +99,8 @@ class Plan:
         self.schedule = schedule
         self.fraction = fraction
         self._tables: dict[torch.device, torch.Tensor] = {}
+        # λ = 0 at table indices 0 and 1, all a continuous noise level reads (host table: no sync per call)
+        self.zero_at_t0 = schedule is not None and not bool(schedule.table()[:2].any())
 
     def table_on(self, device) -> torch.Tensor:
         table = self._tables.get(device)
@@ -106,9 +110,20 @@ class Plan:
 
     def for_call(self, base_model, sigma: torch.Tensor, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.schedule is not None:
-            t = base_model.model_sampling.timestep(sigma).float()
-            if type(base_model.model_sampling).__name__ == "ModelSamplingFlux":
+            sampling = base_model.model_sampling
+            # ComfyUI builds its model-sampling classes on the fly (ModelSampling(s, c), ModelSamplingAdvanced):
+            # the class it names is a base
+            kinds = {cls.__name__ for cls in type(sampling).__mro__}
+            t = sampling.timestep(sigma).float()
+            if "ModelSamplingFlux" in kinds:
                 t = t * 1000.0  # Flux's model sampling gives σ itself; the model scales by 1000 inside
+            elif kinds & CONTINUOUS and self.zero_at_t0:
+                raise ValueError(
+                    "Mid-Block Bypass: this model samples with continuous noise levels (ModelSamplingContinuousEDM "
+                    "or ModelSamplingContinuousV: its timestep is ln(sigma)/4 or a value in [0, 1], never a training "
+                    "timestep), where this schedule is 0, so the bypass would never act; use window = 'fraction of "
+                    "sampling'"
+                )
             return self.table_on(sigma.device), t
         shape, strength, start, end = self.fraction
         sigmas = options.get("sample_sigmas")
@@ -137,11 +152,15 @@ def bypass_model(model, plan: Plan, *, span: str = "", streams: str = "all"):
         options = kwargs.get("transformer_options", args[3] if len(args) > 3 else {})
         table, timestep = plan.for_call(executor.class_obj, t, options)
         state["call"] = (table, timestep)
+        context = kwargs.get("c_crossattn", args[1] if len(args) > 1 else None)
+        # Flux's single blocks take [txt; img] as one sequence, the text as long as the context
+        state["text_tokens"] = context.shape[1] if isinstance(context, torch.Tensor) and context.dim() == 3 else None
         try:
             return executor(x, t, *args, **kwargs)
         finally:
             state.pop("call", None)
             state.pop("entered", None)
+            state.pop("text_tokens", None)
 
     import comfy.patcher_extension as extension
 
@@ -207,6 +226,7 @@ def _middle_block_hooks(state: dict):
 
 def _dit_replace(m, state: dict, first: tuple[str, int], last: tuple[str, int], *, text: bool) -> None:
     crosses = first[0] == "double_block" and last[0] == "single_block"  # Flux: txt and img become one sequence
+    joint = first[0] == "single_block"  # Flux's single blocks: "img" is the joint [txt; img] in and out
 
     def enter(args, extra):
         # Flux's blocks add into their inputs in place: keep copies
@@ -224,6 +244,15 @@ def _dit_replace(m, state: dict, first: tuple[str, int], last: tuple[str, int], 
                 _blend(out["img"], torch.cat((h["txt"], h["img"]), 1) if "txt" in h else h["img"], call)
             else:
                 _blend_image_of_joint(out["img"], h, call)
+            return out
+        if joint and not text:
+            n_txt = state.get("text_tokens")
+            if n_txt is None:
+                raise ValueError(
+                    "Mid-Block Bypass: streams='image' inside Flux's single blocks needs the text length, and this "
+                    "call gave no text context; use streams='all' or a span that starts in the double blocks"
+                )
+            _blend(out["img"][:, n_txt:], h["img"][:, n_txt:], call)
             return out
         _blend(out["img"], h["img"], call)
         if text and out.get("txt") is not None and "txt" in h:

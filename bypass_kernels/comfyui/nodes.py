@@ -27,8 +27,8 @@ class MidBlockBypass:
                 "strength": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01}),
                 "shape": (["linear", "cosine", "constant"],),
                 "window": (list(WINDOWS),),
-                "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.01}),
-                "end": ("FLOAT", {"default": 0.4, "min": 0.0, "max": 1000.0, "step": 0.01}),
+                "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 999.0, "step": 0.01}),
+                "end": ("FLOAT", {"default": 0.4, "min": 0.0, "max": 999.0, "step": 0.01}),
             },
             "optional": {
                 "schedule": ("STRING", {"default": "", "multiline": False}),
@@ -55,6 +55,11 @@ def plan(strength: float, shape: str, window: str, start: float, end: float, sch
     if shape not in ("linear", "cosine", "constant"):
         raise ValueError(f"shape: expected linear, cosine or constant, got {shape!r}")
     if window == "timesteps":
+        if not (float(start).is_integer() and float(end).is_integer() and 0 <= start < end <= 999):
+            raise ValueError(
+                f"start and end: with window 'timesteps', whole training timesteps 0 <= start < end <= 999 (t_min, "
+                f"t_max), got {start}, {end}"
+            )
         return Plan(getattr(BypassSchedule, shape)(strength, int(start), int(end)), None)
     if not 0.0 <= start < end <= 1.0:
         raise ValueError(f"start and end: fractions of sampling with 0 <= start < end <= 1, got {start}, {end}")
