@@ -365,3 +365,10 @@ def test_continuous_noise_level_models_refuse_a_timestep_schedule_that_would_not
 def test_a_timesteps_window_takes_whole_timesteps_below_1000(comfy, sd15, start, end):
     with pytest.raises(ValueError, match=r"whole training timesteps 0 <= start < end <= 999"):
         node(sd15[0], 0.3, start=start, end=end)
+
+
+@pytest.mark.parametrize("text", ["/etc/hostname", "schedule.json", "C:\\\\bypass.json"])
+def test_the_schedule_input_reads_no_files(comfy, sd15, text):
+    """A shared workflow must not read or probe files on the machine that runs it."""
+    with pytest.raises(ValueError, match="reads no files"):
+        node(sd15[0], 0.3, schedule=text)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from bypass_kernels.comfyui.bypass import Plan, bypass_model
 from bypass_kernels.schedule import BypassSchedule
 
 WINDOWS = ("fraction of sampling", "timesteps")
+# What the schedule input takes: a spec or a JSON object, never a file path (a shared workflow must not
+# read, or probe for, files on the machine that runs it)
+INLINE_SPEC = re.compile(r"\{.*\}|default|off|none|(constant|linear|cosine|for_scheduler):[\w.:+-]*", re.DOTALL)
 
 
 class MidBlockBypass:
@@ -49,7 +54,13 @@ class MidBlockBypass:
 def plan(strength: float, shape: str, window: str, start: float, end: float, schedule: str = "") -> Plan:
     """The node's inputs as a :class:`Plan`; ValueError names a bad input."""
     if schedule and schedule.strip():
-        return Plan(BypassSchedule.parse(schedule.strip()), None)
+        text = schedule.strip()
+        if not INLINE_SPEC.fullmatch(text):
+            raise ValueError(
+                f"schedule: expected a spec such as linear:0.3:500, default, off or a JSON object (the node reads "
+                f"no files), got {text[:60]!r}"
+            )
+        return Plan(BypassSchedule.parse(text), None)
     if window not in WINDOWS:
         raise ValueError(f"window: expected one of {', '.join(WINDOWS)}, got {window!r}")
     if shape not in ("linear", "cosine", "constant"):
