@@ -130,7 +130,9 @@ class KeepTimestep:
         self.as_given = not self.first_half and self.scale == 1.0 and self.offset == 0.0
 
     def __call__(self, carrier, args):
-        if self.as_given and is_compiling():  # the common case in compiled code, written out: fewer guards
+        # the common case in compiled code (inference), written out: fewer guards. Grad mode is a constant
+        # while tracing (no guard of its own)
+        if self.as_given and is_compiling() and not torch.is_grad_enabled():
             _CALLS.__dict__[self.compiled_key] = (args[0], None)
             return
         self.keep(args[0], own_call=False)
@@ -145,6 +147,8 @@ class KeepTimestep:
                 timestep = timestep.float() * self.scale + self.offset
         calls = _CALLS.__dict__
         if is_compiling():
+            if torch.is_grad_enabled():
+                self.controller.check_checkpointing()
             calls[self.compiled_key] = (timestep, None)
         else:
             self.controller.check_call()
@@ -372,15 +376,21 @@ class BypassController:
 
     def check_call(self) -> None:
         """Before an eager call: the pipeline's scheduler, and no gradient checkpointing of the span."""
+        self.check_checkpointing()
+        self.check_pipeline()
+
+    def check_checkpointing(self) -> None:
+        """A transformer checkpoints whole blocks, hooks included, whenever gradients are on and its
+        ``gradient_checkpointing`` is set (in eval mode too): refused. (A UNet checkpoints inside its
+        mid-block, below the hooks.) Compiled code checks it while tracing, where gradients are on."""
         owner = self.owner
-        checkpointing = owner.training and getattr(owner, "gradient_checkpointing", False) and torch.is_grad_enabled()
-        if checkpointing and not hasattr(owner, "mid_block"):  # a transformer checkpoints whole blocks, hooks included
+        checkpointing = torch.is_grad_enabled() and getattr(owner, "gradient_checkpointing", False)
+        if checkpointing and not hasattr(owner, "mid_block"):
             raise ValueError(
                 f"bypass_kernels: {type(owner).__name__} recomputes checkpointed blocks in the backward pass, "
-                "where the bypassed span cannot see its call's timestep; call "
-                "model.disable_gradient_checkpointing() (or model.eval() for inference), or unpatch this model"
+                "where the bypassed span cannot see its call's timestep; call model.disable_gradient_checkpointing() "
+                "(or run inference under torch.no_grad()), or unpatch this model"
             )
-        self.check_pipeline()
 
     # Code objects and weak references cannot be copied or pickled: a copy finds its forward's code
     # again and has no pipeline (a copied pipeline links its copy again, see patching.PipelineLink).
