@@ -599,20 +599,18 @@ def check_scheduler_T(pipeline, schedule: BypassSchedule) -> None:
     scheduler = getattr(pipeline, "scheduler", None)
     if T is None or scheduler is None or schedule.max_strength == 0 or _judged(scheduler, schedule):
         return
-    from bypass_kernels.schedule import timestep_index
-    from bypass_kernels.steps import continuous_noise_levels, visited_timesteps
+    from bypass_kernels.steps import DISCRETE_SCHEDULERS, continuous_noise_levels, visited_timesteps
 
     try:
         visited = visited_timesteps(scheduler, 10)
     except ValueError:  # one that needs more than a step count (a flow-matching shift mu): not judged, once
         visited = None
     why = None if visited is None else continuous_noise_levels(visited, T, type(scheduler).__name__)
-    table = schedule.table()
-    if why is not None and all(table[timestep_index(min(max(t, 0.0), T - 1.0), T)] == 0 for t in visited):
+    if why is not None and all(schedule.weight(t) == 0 for t in visited):
         raise ValueError(
             f"bypass_kernels: the pipeline's scheduler {why}: {schedule!r} is 0 at every step, so the bypass "
-            "would never act. Use a scheduler with discrete timesteps (DDIM, DPMSolverMultistep, Euler, UniPC...), "
-            "or a schedule that is not 0 at timestep 0 (BypassSchedule.constant(0.3), say)"
+            f"would never act. Use {DISCRETE_SCHEDULERS}, or a schedule that is not 0 at timestep 0 "
+            "(BypassSchedule.constant(0.3), say)"
         )
     with contextlib.suppress(TypeError):  # an object that cannot be weakly referenced is judged on every call
         _JUDGED_SCHEDULERS[scheduler] = schedule

@@ -236,8 +236,7 @@ class BypassSchedule:
         why = steps.continuous_noise_levels(visited, T, name)
         if why is not None:  # every step would collapse onto table index 0 or 1
             raise ValueError(
-                f"scheduler: {why}; a per-step table cannot tell its steps apart. Use a scheduler "
-                "with discrete timesteps (DDIM, DPMSolverMultistep, Euler, UniPC...)"
+                f"scheduler: {why}; a per-step table cannot tell its steps apart. Use {steps.DISCRETE_SCHEDULERS}"
             )
         return cls._for_visits(name, visited, N, s, a, b, ramp, T, mu=mu, sigmas=sigmas)
 

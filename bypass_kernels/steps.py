@@ -74,6 +74,9 @@ def visited_timesteps(scheduler: Any, N: int, *, mu: float | None = None, sigmas
     return timesteps
 
 
+DISCRETE_SCHEDULERS = "a scheduler with discrete timesteps (DDIM, DPMSolverMultistep, Euler, UniPC...)"
+
+
 def continuous_noise_levels(timesteps: list[float], T: int, name: str) -> str | None:
     """Why a scheduler's timesteps are no timesteps in [0, T) but a continuous noise level (EDM's
     ln(σ)/4: EDMEuler, EDMDPMSolverMultistep, Euler with timestep_type="continuous" as SVD and CosXL
