@@ -54,7 +54,7 @@ def native_extensions():
     kwargs = {"extra_compile_args": {"cxx": cxx}, "extra_link_args": ["-fopenmp"], "py_limited_api": False}
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        sources.append("csrc/cuda/blend_cuda.cu")
+        sources += ["csrc/cuda/blend_cuda.cu", "csrc/cuda/register_cuda.cpp"]
         kwargs["extra_compile_args"]["nvcc"] = nvcc_flags()
         ext_cls = cpp_extension.CUDAExtension
         print(f"bypass_kernels: building CPU + CUDA kernels (CUDA {torch.version.cuda}, {cpp_extension.CUDA_HOME})")

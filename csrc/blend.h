@@ -2,7 +2,7 @@
 // lambda = table[clamp(round_half_to_even(float32(timestep[sample])), 0, T - 1)], float32 arithmetic.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // declarations only: a light header for nvcc (the .cu parses it twice)
 
 #include <string>
 
@@ -33,5 +33,9 @@ inline bool kernel_dtype_ok(at::ScalarType t) {
 std::string cpu_isa();
 bool cpu_supports_avx2();
 std::string set_cpu_isa(const std::string& isa);
+
+// The CUDA kernel's entry (cuda/blend_cuda.cu), registered for the CUDA dispatch key by
+// cuda/register_cuda.cpp: the .cu then needs no torch/library.h, whose parse is most of nvcc's time.
+void blend_cuda_(at::Tensor mid_out, const at::Tensor& mid_in, const at::Tensor& table, const at::Tensor& timestep);
 
 }  // namespace bypass_kernels

@@ -20,9 +20,18 @@ if "PYTEST_XDIST_WORKER" in os.environ and "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(_threads)
 
 import pytest
+import torch._inductor.config as inductor_config
 
 import bypass_kernels
 from bypass_kernels.presets import build_unet, example_inputs
+
+# Inductor's CPU code, as the tests compile it: scalar C++ (vectorized code takes gcc a third longer
+# and changes nothing these tests check: graphs, fusion, recompiles, results; the tests that check
+# the vectorized blend ask for it with the `vectorized` fixture), and compiled in the test's own
+# process where each worker has one core (a pool of compile processes only adds their start-up).
+inductor_config.cpp.simdlen = 1
+if "PYTEST_XDIST_WORKER" in os.environ and torch.get_num_threads() == 1:
+    inductor_config.compile_threads = 1
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu  # skipped where no GPU is visible (below), selected by `-m gpu`
@@ -128,6 +137,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def vectorized():
+    """Inductor's default vectorized CPU code for this test (the suite compiles scalar code)."""
+    with inductor_config.patch({"cpp.simdlen": None}):
+        yield
 
 
 @pytest.fixture(scope="session")

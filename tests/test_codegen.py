@@ -84,6 +84,8 @@ def test_triton_kernel_compiles_for_unaligned_inputs(triton_ptx):
 
 
 def test_cuda_kernel_compiles_for_sm90_with_wide_accesses_and_no_fma(tmp_path):
+    """The kernels and their launcher (blend_cuda.cu, whose entry must match blend.h's declaration); the
+    one-line registration beside it (register_cuda.cpp) compiles with the extension's CUDA build."""
     nvcc = shutil.which("nvcc") or (
         os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if "CUDA_HOME" in os.environ else None
     )

@@ -127,6 +127,22 @@ def test_per_sample_and_float_timesteps_compile_once_more_at_most(sd_compiled):
     assert counter.frame_count <= before + 1
 
 
+def test_vectorized_inductor_code_blends_as_eager(vectorized):
+    """The suite compiles Inductor's scalar CPU code (conftest); its default vectorized code here, the
+    blend fused into a convolution's output (rows of 11: a vector loop and a tail), with per-sample
+    fractions, a tie, an out-of-range value, and one timestep for the batch."""
+    from test_reliability import Toy
+
+    toy = Toy()
+    bypass_kernels.patch(toy, SCHEDULE)
+    torch._dynamo.reset()
+    compiled = torch.compile(toy, fullgraph=True)
+    x = torch.randn(4, 4, 9, 11)
+    with torch.no_grad():
+        for t in (torch.tensor([999.5, 600.5, 123.4, 5000.0]), torch.tensor(700)):
+            torch.testing.assert_close(compiled(x, t), toy(x, t), atol=1e-6, rtol=1e-6)
+
+
 def test_sdxl_shaped_fullgraph_no_recompile():
     """SDXL's added conditioning traces in one graph with no recompile across timesteps (Dynamo's rules:
     AOT-eager; Inductor's code is checked on a one-level SD UNet above)."""

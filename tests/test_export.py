@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import warnings
 
 import numpy as np
@@ -285,46 +286,66 @@ def mini_folder(tmp_path_factory):
     return folder
 
 
-KILL_SCRIPT = """
-import os, signal, sys
-from bypass_kernels.export import onnx_export
-from bypass_kernels import BypassSchedule
+def _export_and_die(mode, where, signame, out, model):
+    """The export a killed process runs: ``where`` (a function of onnx_export) sends this process
+    the signal named when the export reaches it."""
+    import signal
 
-mode, where, signame, out, model = sys.argv[1:6]
-real = getattr(onnx_export, where)
+    from bypass_kernels.export import onnx_export
 
-def die(*args, **kwargs):  # the process is killed at this point of the export, by the signal named
-    print("reached", where, flush=True)
-    os.kill(os.getpid(), getattr(signal, signame))
-    return real(*args, **kwargs)
+    real = getattr(onnx_export, where)
 
-setattr(onnx_export, where, die)
-static = dict(dynamic_batch=False, dynamic_shape=False)  # a fixed-shape graph: the same steps, sooner
-if mode == "api":
-    from bypass_kernels.presets import load_unet
-    onnx_export.to_onnx(load_unet(model), os.path.join(out, "unet.onnx"), BypassSchedule.linear(0.5), **static)
-else:
+    def die(*args, **kwargs):
+        print("reached", where, flush=True)
+        os.kill(os.getpid(), getattr(signal, signame))
+        return real(*args, **kwargs)
+
+    setattr(onnx_export, where, die)
+    if mode == "api":
+        from bypass_kernels.presets import load_unet
+
+        path = os.path.join(out, "unet.onnx")
+        return onnx_export.to_onnx(load_unet(model), path, BypassSchedule.linear(0.5), **STATIC)
     export = onnx_export.export_to_staging
-    onnx_export.export_to_staging = lambda *args, **kwargs: export(*args, **{**kwargs, **static})
-    from bypass_kernels.cli import main
-    sys.exit(main(["export", "--model", model, "--out", out]))
-"""
+    onnx_export.export_to_staging = lambda *args, **kwargs: export(*args, **{**kwargs, **STATIC})  # sooner
+    return main(["export", "--model", model, "--out", out])
 
 
-def _killed_export(tmp_path, mode, where, signame, out, model):
-    import subprocess
-    import sys
+def _killed_export(mode, where, signame, out, model):
+    """(exit status, output) of ``_export_and_die`` in a child process killed by a real signal. Forked:
+    the child starts with this process's imports (a fresh interpreter spends 10 s importing them)."""
+    import signal
+    import time
+    import traceback
 
-    script = tmp_path / "kill_export.py"
-    script.write_text(KILL_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(script), mode, where, signame, str(out), str(model)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert "reached " + where in proc.stdout, proc.stderr[-2000:]
-    return proc
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: leaves only through os._exit, never back into pytest
+        code = 1
+        try:
+            os.close(read)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            sys.stdout = sys.stderr = os.fdopen(write, "w", buffering=1)
+            result = _export_and_die(mode, where, signame, str(out), str(model))
+            code = result if isinstance(result, int) else 0
+        except SystemExit as exc:  # the CLI's SIGTERM handler ends it so
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        output = pipe.read()  # until the child's end closes it
+    deadline = time.monotonic() + 300
+    while (status := os.waitpid(pid, os.WNOHANG)[1]) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) or os.WIFSIGNALED(status), "the export neither ended nor was killed"
+    assert "reached " + where in output, output[-2000:]
+    return (-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)), output
 
 
 def _staging_folders(folder):
@@ -334,8 +355,8 @@ def _staging_folders(folder):
 def test_sigkill_while_writing_leaves_no_final_name_and_the_next_export_cleans_up(tmp_path, mini_folder):
     out = tmp_path / "out"
     out.mkdir()
-    proc = _killed_export(tmp_path, "api", "_finish_graph", "SIGKILL", out, mini_folder)
-    assert proc.returncode == -9
+    returncode, _ = _killed_export("api", "_finish_graph", "SIGKILL", out, mini_folder)
+    assert returncode == -9
     assert "unet.onnx" not in os.listdir(out)  # the graph was written, never published
     debris = _staging_folders(out)
     assert len(debris) == 1 and any(n.endswith(".data") for n in os.listdir(out / debris[0]))
@@ -370,8 +391,8 @@ def test_killed_during_the_onnxruntime_check_leaves_no_unverified_file(tmp_path,
 
 def test_sigterm_during_the_check_cleans_up_everything_the_cli_made(tmp_path, mini_folder):
     out = tmp_path / "cli"
-    proc = _killed_export(tmp_path, "cli", "_verify", "SIGTERM", out, mini_folder)
-    assert proc.returncode == 128 + 15
+    returncode, _ = _killed_export("cli", "_verify", "SIGTERM", out, mini_folder)
+    assert returncode == 128 + 15
     assert not out.exists()  # staging removed, and the folder it created too
 
 

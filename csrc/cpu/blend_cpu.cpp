@@ -11,6 +11,7 @@
 // the avx2 target leaves FMA out), and convert to half/bfloat16 rounding to nearest even, as c10
 // does: the two paths are bit-identical. BYPASS_KERNELS_CPU_ISA=generic (read when the extension
 // loads) forces the generic path.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
