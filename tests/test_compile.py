@@ -130,7 +130,7 @@ def test_per_sample_and_float_timesteps_compile_once_more_at_most(sd_compiled):
 def test_vectorized_inductor_code_blends_as_eager(vectorized):
     """The suite compiles Inductor's scalar CPU code (conftest); its default vectorized code here, the
     blend fused into a convolution's output (rows of 11: a vector loop and a tail), with per-sample
-    fractions, a tie, an out-of-range value, and one timestep for the batch."""
+    fractions, a tie, an out-of-range value, NaN (index 0), and one timestep for the batch."""
     from test_reliability import Toy
 
     toy = Toy()
@@ -139,8 +139,11 @@ def test_vectorized_inductor_code_blends_as_eager(vectorized):
     compiled = torch.compile(toy, fullgraph=True)
     x = torch.randn(4, 4, 9, 11)
     with torch.no_grad():
-        for t in (torch.tensor([999.5, 600.5, 123.4, 5000.0]), torch.tensor(700)):
+        with_nan = torch.tensor([600.5, 123.4, float("nan"), 5000.0])
+        for t in (with_nan, torch.tensor(700)):
             torch.testing.assert_close(compiled(x, t), toy(x, t), atol=1e-6, rtol=1e-6)
+        zero = torch.tensor([600.5, 123.4, 0.0, 5000.0])  # NaN reads index 0, as timestep 0 does
+        torch.testing.assert_close(compiled(x, with_nan), toy(x, zero), atol=1e-6, rtol=1e-6)
 
 
 def test_sdxl_shaped_fullgraph_no_recompile():

@@ -48,7 +48,7 @@ def test_nan_timesteps_read_index_zero(backend):
     torch.testing.assert_close(blend_reference(m, h, TABLE, t), expected, atol=0, rtol=0)
 
 
-def test_nan_timesteps_compiled_read_index_zero(vectorized):
+def test_nan_timesteps_compiled_read_index_zero():
     m, h = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
     t = torch.tensor([float("nan"), 250.0])
     compiled = torch.compile(lambda a, b, c: blend_(a.clone(), b, TABLE, c), fullgraph=True)
