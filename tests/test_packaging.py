@@ -14,14 +14,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_wheel_holds_the_shipped_models_without_setuptools_warnings(tmp_path):
-    pytest.importorskip("setuptools")
+def _clean_source(tmp_path) -> Path:
+    """The files a source distribution is made from, with no build products (a fresh clone's)."""
     source = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", "build", "*.egg-info")
     for name in ("bypass_kernels", "export", "csrc"):
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
-    for name in ("pyproject.toml", "setup.py", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in"):
         shutil.copy(ROOT / name, source / name)
+    return source
+
+
+def test_wheel_holds_the_shipped_models_without_setuptools_warnings(tmp_path):
+    pytest.importorskip("setuptools")
+    source = _clean_source(tmp_path)
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"), "."],
         cwd=source,
@@ -38,6 +44,29 @@ def test_wheel_holds_the_shipped_models_without_setuptools_warnings(tmp_path):
         for path in (ROOT / "bypass_kernels" / "data" / model).iterdir():
             assert f"bypass_kernels/data/{model}/{path.name}" in names
     assert "bypass_kernels/export/__init__.py" in names
+
+
+def test_source_distribution_holds_every_kernel_source_whatever_the_machine_builds(tmp_path):
+    """An sdist made where no kernel builds still carries the C++ and CUDA sources and headers, so a
+    machine with nvcc that installs it builds them (setuptools adds only the configured extension's)."""
+    pytest.importorskip("setuptools")
+    import tarfile
+
+    source = _clean_source(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
+        cwd=source,
+        env={**os.environ, "BYPASS_KERNELS_SKIP_NATIVE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    sources = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
+    assert sources and sources <= names, sorted(sources - names)
 
 
 def _install_recipe() -> list[str]:
