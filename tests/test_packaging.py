@@ -25,18 +25,23 @@ def _clean_source(tmp_path) -> Path:
     return source
 
 
-def test_wheel_holds_the_shipped_models_without_setuptools_warnings(tmp_path):
-    pytest.importorskip("setuptools")
-    source = _clean_source(tmp_path)
+def _build(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """``python *args`` in a clean copy of the sources, building no native code; it must succeed."""
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"), "."],
-        cwd=source,
+        [sys.executable, *args],
+        cwd=_clean_source(tmp_path),
         env={**os.environ, "BYPASS_KERNELS_SKIP_NATIVE": "1"},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_wheel_holds_the_shipped_models_without_setuptools_warnings(tmp_path):
+    pytest.importorskip("setuptools")
+    out = _build(tmp_path, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"), ".")
     assert "absent from the `packages` configuration" not in out.stdout + out.stderr
     (wheel,) = (tmp_path / "w").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -52,16 +57,7 @@ def test_source_distribution_holds_every_kernel_source_whatever_the_machine_buil
     pytest.importorskip("setuptools")
     import tarfile
 
-    source = _clean_source(tmp_path)
-    out = subprocess.run(
-        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
-        cwd=source,
-        env={**os.environ, "BYPASS_KERNELS_SKIP_NATIVE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    _build(tmp_path, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist"))
     (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
