@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, is_grad_enabled, nn
 from torch.compiler import is_compiling
 
 from bypass_kernels.ops import _as_timestep, blend, blend_, blend_reference
@@ -131,8 +131,10 @@ class KeepTimestep:
 
     def __call__(self, carrier, args):
         # the common case in compiled code (inference), written out: fewer guards. Grad mode is a constant
-        # while tracing (no guard of its own)
-        if self.as_given and is_compiling() and not torch.is_grad_enabled():
+        # while tracing (no guard of its own). is_grad_enabled by its own name: reaching the torch module
+        # here too (torch.nn's _call_impl reaches it) costs a guard that they are the same object, run
+        # in Python on every call
+        if self.as_given and is_compiling() and not is_grad_enabled():
             _CALLS.__dict__[self.compiled_key] = (args[0], None)
             return
         self.keep(args[0], own_call=False)
@@ -147,7 +149,7 @@ class KeepTimestep:
                 timestep = timestep.float() * self.scale + self.offset
         calls = _CALLS.__dict__
         if is_compiling():
-            if torch.is_grad_enabled():
+            if is_grad_enabled():
                 self.controller.check_checkpointing()
             calls[self.compiled_key] = (timestep, None)
         else:

@@ -446,6 +446,18 @@ def test_compiled_code_never_checks_that_the_record_lacks_an_attribute():
     assert not absent, absent
 
 
+def test_compiled_code_checks_no_aliasing_of_the_torch_module_through_the_patch(unet):
+    """The compiled carrier hook reaches the torch module through none of this package's globals: a
+    second path to an object torch.nn already reaches costs a guard that both are the same object, one
+    that Dynamo evaluates in Python on every call."""
+    log = _dynamo_log_of_a_compiled_patched(
+        unet, example_inputs(unet, batch=2), "guards", "torch._dynamo.guards.__guards"
+    )
+    assert "TENSOR_MATCH" in log  # the guards are in the log at all
+    ours = [line for line in log.splitlines() if "is G[" in line and "bypass_kernels" in line]
+    assert not ours, ours
+
+
 def test_compiled_code_writes_nothing_back_after_its_graph():
     """The hooks add the per-thread record and delete it within the frame, so the compiled code has no
     write to replay after its graph (setting it to None was replayed on every call, through a path that
