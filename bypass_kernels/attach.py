@@ -8,7 +8,8 @@ patched output is ``m + λ(t)·(h − m)``. A :class:`BypassController` attaches
   the model's forward, once per call (a diffusers UNet's ``time_proj``; a DiT's time embedder), or
   :class:`KeepModelTimestep` on the model itself where no such module is known (the timestep is
   then read from the model's arguments);
-- :class:`EnterSpan`, a pre-hook on block i, keeps the streams h;
+- :class:`EnterSpan`, a pre-hook on block i, keeps the streams h (not in compiled code for a span of
+  one block and one stream: the span end reads the block's own input);
 - :class:`LeaveSpan`, a hook on block j, blends each stream of its output.
 
 The values travel in the entry ``call`` of a ``threading.local``'s dict, tagged with the
@@ -185,15 +186,18 @@ class KeepModelTimestep(KeepTimestep):
 class EnterSpan:
     """Pre-hook on block i: keeps the streams entering the span."""
 
-    __slots__ = ("clone", "compiled_key", "controller", "key", "streams")
+    __slots__ = ("clone", "compiled_key", "controller", "key", "own_input", "streams")
 
     def __init__(self, controller: BypassController):
         self.controller = controller
         self.compiled_key, self.key = _record_keys(controller.token)
         self.streams = tuple((s.name, s.position) for s in controller.span.streams)
         self.clone = controller.clone_inputs
+        self.own_input = _own_input(controller)
 
     def __call__(self, block, args, kwargs):
+        if self.own_input and is_compiling():  # the span end reads the input itself: nothing to keep
+            return
         calls = _CALLS.__dict__
         key, call = _find_record(calls, self)
         if call is None:  # block i called on its own, outside a model call
@@ -214,7 +218,7 @@ class EnterSpan:
 class LeaveSpan:
     """Hook on block j: blends each stream of its output with the span's input."""
 
-    __slots__ = ("compiled_key", "controller", "key", "outputs", "single", "token")
+    __slots__ = ("compiled_key", "controller", "input_name", "key", "outputs", "own_input", "single", "token")
 
     def __init__(self, controller: BypassController):
         self.controller = controller
@@ -222,16 +226,25 @@ class LeaveSpan:
         self.compiled_key, self.key = _record_keys(self.token)
         self.single = controller.span.single
         self.outputs = tuple((s.output_index, s.blend) for s in controller.span.streams)
+        self.own_input = _own_input(controller)
+        self.input_name = controller.span.streams[0].name
 
     def __call__(self, block, args, kwargs, output):
         calls = _CALLS.__dict__
-        key, call = _find_record(calls, self)
+        key = self.compiled_key  # _find_record, written out: one function fewer for compiled code to check
+        call = calls.get(key)
         if call is None:
-            return None
+            key = self.key
+            call = calls.get(key)
+            if call is None:
+                return None
         del calls[key]  # the record ends as it began: absent (nothing for compiled code to write back)
-        if len(call) < 4:  # block j called on its own
-            return None
-        timestep, _, entered, versions = call
+        if len(call) == 4:
+            timestep, _, entered, versions = call
+        elif self.own_input:  # the span start ran compiled and kept nothing: the block's own input is the span's
+            timestep, entered, versions = call[0], (args[0] if args else kwargs[self.input_name],), None
+        else:
+            return None  # block j called on its own
         if versions is not None:
             _check_unchanged(entered, versions)
         table = None
@@ -274,6 +287,11 @@ def marker_class(base: type) -> type:
             "__doc__": base.__doc__,
             "__reduce_ex__": _reduce_marked,
             "_bypass_base": base,
+            # What calling a module looks up, resolved here once: compiled code then finds them in this
+            # class and checks no other class of its hierarchy for them (fewer guards per call)
+            "__call__": base.__call__,
+            "_call_impl": base._call_impl,
+            "_compiled_call_impl": base._compiled_call_impl,
         }
         marker = _MARKERS[base] = type(base.__name__, (base,), namespace)
     return marker
@@ -484,9 +502,17 @@ def blend_stream(controller: BypassController, block, m, h, timestep, table):
     if m is h:  # an identity span: the blend is the identity too
         return None
     if table is None:
-        table = table_on(block._bypass_tables, m.device)
-    t = _per_sample(timestep, m.shape[0])
+        table = block._bypass_tables.get(m.device)
+        if table is None:  # not on this device yet (compiled code finds it there from the next call)
+            table = table_on(block._bypass_tables, m.device)
+    # Video UNets fold frames into the batch before the mid-block (sample-major, as diffusers' UNet3D, SVD,
+    # AnimateDiff and I2VGen-XL do): a [B] timestep becomes [B·F], each sample's value repeated over its
+    # frames. Shapes only: no host sync, no graph break. (Written here, not called: fewer guards.)
+    t = timestep
     n = t.numel()
+    if n not in (1, m.shape[0]) and m.shape[0] % n == 0:  # blend_ rejects the other mismatches, with a message
+        t = t.reshape(-1).repeat_interleave(m.shape[0] // n)
+        n = t.numel()
     rows = None
     if n != 1 and n != m.shape[0] and m.dim() >= 3 and n == m.shape[0] * m.shape[1]:
         # A timestep per token (LTX's image-to-video and condition pipelines, Wan 2.2 TI2V: [batch, tokens],
@@ -537,6 +563,14 @@ def forward_codes(owner: nn.Module) -> frozenset:
     return frozenset(codes)
 
 
+def _own_input(controller: BypassController) -> bool:
+    """A span of one block and one stream (a UNet's mid-block): in compiled code its end reads the input
+    from its own arguments and its start keeps nothing (fewer guards). Not where the block writes into
+    its input (the start keeps a clone) and not in eager mode (the start keeps the input's version)."""
+    span = controller.span
+    return span.single and span.first is span.last and span.streams[0].position == 0 and not controller.clone_inputs
+
+
 def _record_keys(token: str) -> tuple[str, str]:
     """The per-thread record's keys for a model class: (written in compiled code, written in eager
     mode). Identifiers: Dynamo reads dict entries of a thread-local as attributes, whose names cannot
@@ -577,16 +611,6 @@ def _check_unchanged(entered: tuple, versions: tuple) -> None:
                 "they were given), so the input the blend needs is gone. Make that op out of place (for example "
                 "nn.SiLU(inplace=False)) or unpatch this model."
             )
-
-
-def _per_sample(timestep: torch.Tensor, batch: int) -> torch.Tensor:
-    """Video UNets fold frames into the batch before the mid-block (sample-major, as diffusers'
-    UNet3D, SVD, AnimateDiff and I2VGen-XL do): a [B] timestep becomes [B·F], each sample's value
-    repeated over its frames. Shapes only: no host sync, no graph break."""
-    n = timestep.numel()
-    if n in (1, batch) or batch % n != 0:
-        return timestep  # blend_ rejects the last case with a clear message
-    return timestep.reshape(-1).repeat_interleave(batch // n)
 
 
 def check_scheduler_T(pipeline, schedule: BypassSchedule) -> None:

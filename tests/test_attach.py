@@ -446,16 +446,47 @@ def test_compiled_code_never_checks_that_the_record_lacks_an_attribute():
     assert not absent, absent
 
 
-def test_compiled_code_checks_no_aliasing_of_the_torch_module_through_the_patch(unet):
-    """The compiled carrier hook reaches the torch module through none of this package's globals: a
-    second path to an object torch.nn already reaches costs a guard that both are the same object, one
-    that Dynamo evaluates in Python on every call."""
+def test_compiled_code_checks_no_aliasing_through_the_patch_and_no_hierarchy_of_the_trigger(unet):
+    """Two guards a patch can avoid, read from Dynamo's guard log: the compiled carrier hook reaches the
+    torch module through none of this package's globals (a second path to an object torch.nn reaches
+    costs a check that both are the same object, run in Python on every call), and calling the
+    trigger (its swapped class) looks up no class above it (the class names its base's call methods)."""
     log = _dynamo_log_of_a_compiled_patched(
         unet, example_inputs(unet, batch=2), "guards", "torch._dynamo.guards.__guards"
     )
     assert "TENSOR_MATCH" in log  # the guards are in the log at all
     ours = [line for line in log.splitlines() if "is G[" in line and "bypass_kernels" in line]
     assert not ours, ours
+    hierarchy = [line for line in log.splitlines() if "['time_proj']).__mro__" in line]
+    assert not hierarchy, hierarchy
+
+
+@pytest.mark.parametrize("graph_break", [False, True])
+def test_only_the_mid_block_compiled_blends_as_eager(unet, graph_break):
+    """Regional compilation: the UNet runs eager (its carrier writes an eager record) and only the
+    mid-block is compiled, its hooks inside (Module.compile), whole or split by a graph break in its
+    forward (the span end then runs in a frame of its own): every call blends as the eager patch."""
+    model = copy.deepcopy(unet)
+    inputs = example_inputs(model, batch=2, timestep=torch.tensor([900.0, 150.0]))
+    patch(model, SCHEDULE)
+    expected = run_unet(model, inputs)
+    if graph_break:
+        forward = model.mid_block.forward
+
+        def forward_then_break(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            torch._dynamo.graph_break()
+            return out
+
+        model.mid_block.forward = forward_then_break
+
+    torch._dynamo.reset()
+    model.mid_block.compile(backend="eager")
+    try:
+        for _ in range(2):
+            torch.testing.assert_close(run_unet(model, inputs), expected, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_compiled_code_writes_nothing_back_after_its_graph():
