@@ -241,6 +241,10 @@ class LeaveSpan:
         del calls[key]  # the record ends as it began: absent (nothing for compiled code to write back)
         if len(call) == 4:
             timestep, _, entered, versions = call
+            if self.own_input:  # the input the block ran on, as compiled code reads it (a pre-hook of the
+                own = args[0] if args else kwargs[self.input_name]  # user's after ours may have replaced it)
+                if own is not entered[0]:
+                    entered, versions = (own,), None
         elif self.own_input:  # the span start ran compiled and kept nothing: the block's own input is the span's
             timestep, entered, versions = call[0], (args[0] if args else kwargs[self.input_name],), None
         else:

@@ -489,6 +489,25 @@ def test_only_the_mid_block_compiled_blends_as_eager(unet, graph_break):
         torch._dynamo.reset()
 
 
+def test_a_pre_hook_of_the_users_that_replaces_the_mid_block_input_acts_alike_eager_and_compiled(unet):
+    """A forward pre-hook registered on the mid-block after patch that hands it another input: the blend
+    uses the input the block ran on, in eager mode as in compiled code (which reads the block's own)."""
+    model = copy.deepcopy(unet)
+    inputs = example_inputs(model, batch=2, timestep=torch.tensor([900.0, 150.0]))
+    halve = model.mid_block.register_forward_pre_hook(lambda block, args: (args[0] * 0.5, *args[1:]))
+    expected = reference(model, inputs, SCHEDULE.weight)  # the hand hook blends with the halved input
+    halve.remove()
+    patch(model, SCHEDULE)
+    model.mid_block.register_forward_pre_hook(lambda block, args: (args[0] * 0.5, *args[1:]))
+    torch.testing.assert_close(run_unet(model, inputs), expected, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    try:
+        compiled = run_unet(torch.compile(model, backend="eager", fullgraph=True), inputs)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_code_writes_nothing_back_after_its_graph():
     """The hooks add the per-thread record and delete it within the frame, so the compiled code has no
     write to replay after its graph (setting it to None was replayed on every call, through a path that
