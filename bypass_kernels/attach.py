@@ -231,24 +231,21 @@ class LeaveSpan:
 
     def __call__(self, block, args, kwargs, output):
         calls = _CALLS.__dict__
-        key = self.compiled_key  # _find_record, written out: one function fewer for compiled code to check
-        call = calls.get(key)
+        key, call = _find_record(calls, self)
         if call is None:
-            key = self.key
-            call = calls.get(key)
-            if call is None:
-                return None
+            return None
         del calls[key]  # the record ends as it began: absent (nothing for compiled code to write back)
         if len(call) == 4:
             timestep, _, entered, versions = call
-            if self.own_input:  # the input the block ran on, as compiled code reads it (a pre-hook of the
-                own = args[0] if args else kwargs[self.input_name]  # user's after ours may have replaced it)
-                if own is not entered[0]:
-                    entered, versions = (own,), None
-        elif self.own_input:  # the span start ran compiled and kept nothing: the block's own input is the span's
-            timestep, entered, versions = call[0], (args[0] if args else kwargs[self.input_name],), None
+        elif self.own_input:  # the span start ran compiled and kept nothing
+            timestep, entered, versions = call[0], None, None
         else:
             return None  # block j called on its own
+        if self.own_input:  # the input the block ran on (a pre-hook of the user's after ours may replace it)
+            own = args[0] if args else kwargs[self.input_name]
+            if entered is None or own is not entered[0]:
+                versions = None  # kept for another tensor, or not kept
+            entered = (own,)
         if versions is not None:
             _check_unchanged(entered, versions)
         table = None
@@ -568,9 +565,10 @@ def forward_codes(owner: nn.Module) -> frozenset:
 
 
 def _own_input(controller: BypassController) -> bool:
-    """A span of one block and one stream (a UNet's mid-block): in compiled code its end reads the input
-    from its own arguments and its start keeps nothing (fewer guards). Not where the block writes into
-    its input (the start keeps a clone) and not in eager mode (the start keeps the input's version)."""
+    """A span of one block and one stream (a UNet's mid-block): its end blends with the input the block
+    ran on, read from its own arguments, and in compiled code its start keeps nothing (fewer guards; in
+    eager mode the start keeps the input's version, for the in-place check). Not where the block writes
+    into its input (the start keeps a clone, which the end must use)."""
     span = controller.span
     return span.single and span.first is span.last and span.streams[0].position == 0 and not controller.clone_inputs
 
