@@ -177,21 +177,22 @@ def _never_leave_patched(tiny_sd, tiny_sdxl, tiny_unet2d):
 GRAPH_SCHEDULE = bypass_kernels.BypassSchedule.linear(0.8, t_min=300)
 
 
-def _shared_graph(tmp_path_factory, preset: str, *, patched: bool, **options) -> dict:
-    """``preset`` (seeded weights) exported once per test run with GRAPH_SCHEDULE: patched with it (a
-    patched model exports with its own schedule) or unpatched and given it. The xdist workers share
+def _shared_graph(tmp_path_factory, name: str, *, patched: bool, **options) -> dict:
+    """``tiny_models.graph_unet(name)`` (seeded weights) exported once per test run with GRAPH_SCHEDULE:
+    patched with it (a patched model exports with its own schedule) or unpatched and given it. The xdist workers share
     the graph through a file lock in the run's temporary folder; each gets its own model, identical
     to the exported one."""
     import pickle
 
     from bypass_kernels.export import to_onnx
     from filelock import FileLock
+    from tiny_models import graph_unet
 
     base = tmp_path_factory.getbasetemp()
     if "PYTEST_XDIST_WORKER" in os.environ:
         base = base.parent  # the folder of this run, shared by its workers
-    folder = base / f"shared-graph-{preset}"
-    unet = build_unet(preset)
+    folder = base / f"shared-graph-{name}"
+    unet = graph_unet(name)
     if patched:
         bypass_kernels.patch(unet, GRAPH_SCHEDULE)
     with FileLock(str(folder) + ".lock"):
@@ -206,14 +207,14 @@ def _shared_graph(tmp_path_factory, preset: str, *, patched: bool, **options) ->
 
 @pytest.fixture(scope="session")
 def sd_graph(tmp_path_factory):
-    """tiny-sd, patched with GRAPH_SCHEDULE, exported with the schedule baked in (dynamic shapes)."""
-    return _shared_graph(tmp_path_factory, "tiny-sd", patched=True)
+    """An SD UNet, patched with GRAPH_SCHEDULE, exported with the schedule baked in (dynamic shapes)."""
+    return _shared_graph(tmp_path_factory, "sd", patched=True)
 
 
 @pytest.fixture(scope="session")
 def sdxl_graph(tmp_path_factory):
-    """tiny-sdxl, unpatched, exported with GRAPH_SCHEDULE as a graph input (any table at run time)."""
-    return _shared_graph(tmp_path_factory, "tiny-sdxl", patched=False, schedule_as_input=True)
+    """An SDXL UNet, unpatched, exported with GRAPH_SCHEDULE as a graph input (any table at run time)."""
+    return _shared_graph(tmp_path_factory, "sdxl", patched=False, schedule_as_input=True)
 
 
 def run_unet(unet, inputs, **overrides):

@@ -11,11 +11,11 @@ import torch
 from bypass_kernels.export import OnnxRuntimeUNet
 from bypass_kernels.export.onnx_export import SCHEDULE_NAME, export_inputs, reference_output
 from conftest import GRAPH_SCHEDULE
+from tiny_models import graph_unet
 from tiny_pipelines import run_img2img, tiny_text_encoder, tiny_vae
 
 import bypass_kernels
 from bypass_kernels import BypassSchedule
-from bypass_kernels.presets import build_unet
 
 pytest.importorskip("onnxruntime")
 diffusers = pytest.importorskip("diffusers")
@@ -37,14 +37,14 @@ def sd(tmp_path_factory, sd_graph):
         vae=tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=build_unet("tiny-sd"),
+        unet=graph_unet("sd"),
         scheduler=DDIMScheduler(num_train_timesteps=1000),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe, sd_graph["path"]  # the same tiny-sd weights (build_unet is seeded)
+    return pipe, sd_graph["path"]  # the graph's UNet and weights (graph_unet is seeded)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def sdxl(tmp_path_factory, sdxl_graph):
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        unet=build_unet("tiny-sdxl"),
+        unet=graph_unet("sdxl"),
         scheduler=EulerDiscreteScheduler(num_train_timesteps=1000),  # fractional timesteps
         add_watermarker=False,
     )
@@ -224,14 +224,14 @@ def test_positional_keyword_return_dict_and_timestep_forms(sd):
         (lambda r, s, t: r(s, 5, t, None, None, None, None, None, None, None, None, None, True, 1), TypeError, "arg"),
         (lambda r, s, t: r(s, 5, t, added_cond_kwargs={"image_embeds": s}), TypeError, "image_embeds"),
         (lambda r, s, t: r.set_schedule(SCHEDULE), ValueError, "baked in"),
-        # tiny-sd halves its latents once: an odd size took another upsampler path than the one traced
+        # the graph's UNet halves its latents once: an odd size took another upsampler path than the one traced
         (lambda r, s, t: r(s[:, :, :15, :15], 5, t), ValueError, "multiples of 2"),
     ],
 )
 def test_argument_errors_are_clear(sd, call, exc, match):
     _, path = sd
     runner = OnnxRuntimeUNet(path)
-    inputs = export_inputs(build_unet("tiny-sd"))
+    inputs = export_inputs(graph_unet("sd"))
     with pytest.raises(exc, match=match):
         call(runner, inputs["sample"], inputs["encoder_hidden_states"])
 
@@ -240,7 +240,7 @@ def test_sdxl_runner_needs_added_cond_and_a_table_of_the_right_length(sdxl):
     _, path = sdxl
     runner = OnnxRuntimeUNet(path)
     assert runner.schedule == SCHEDULE  # default: the schedule exported with
-    inputs = export_inputs(build_unet("tiny-sdxl"))
+    inputs = export_inputs(graph_unet("sdxl"))
     with pytest.raises(ValueError, match=r"added_cond_kwargs: this graph .* needs text_embeds, time_ids"):
         runner(inputs["sample"], 5, inputs["encoder_hidden_states"])
     with pytest.raises(ValueError, match="table of 1000 values"):

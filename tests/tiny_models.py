@@ -116,6 +116,36 @@ def one_level_sd(*, seed: int = 0):
         ).eval()
 
 
+# The UNets of the shared ONNX graphs (conftest's sd_graph, sdxl_graph) and of the pipelines that run them:
+# tiny-sd's and tiny-sdxl's widths and text sizes, with attention in the mid-block only. What these graphs
+# check is the bypass in the mid-block, the inputs and the shape rules; each exports in a half to a third
+# of the time of the preset it stands for. The SD one halves its latents once (shapes must be multiples
+# of 2); the SDXL one has one level, with SDXL's added conditioning (text_embeds, time_ids).
+GRAPH_UNETS = {
+    "sd": dict(
+        PRESETS["tiny-sd"].config,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ),
+    "sdxl": dict(
+        PRESETS["tiny-sdxl"].config,
+        block_out_channels=(32,),
+        down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",),
+        transformer_layers_per_block=1,
+    ),
+}
+
+
+def graph_unet(name: str, *, seed: int = 0):
+    """The UNet ``GRAPH_UNETS[name]`` with seeded random weights (the same weights on every call)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**GRAPH_UNETS[name]).eval()
+
+
 def build_tiny_model(name: str, *, seed: int = 0):
     """A tiny model of ``TINY_MODELS`` with seeded random weights, float32, on the CPU, in eval mode."""
     if name not in TINY_MODELS:
