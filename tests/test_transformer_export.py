@@ -17,7 +17,9 @@ SCHEDULE = BypassSchedule.linear(0.8, t_min=200)
 def graphs(tmp_path_factory):
     """One export per family: SD3 and PixArt with the schedule baked in, Flux with it as an input.
     The Flux graph is of a tiny FluxPipeline's own transformer (text length 32), which
-    test_an_onnxruntime_transformer_serves_a_flux_pipeline runs with the graph as pipe.transformer."""
+    test_an_onnxruntime_transformer_serves_a_flux_pipeline runs with the graph as pipe.transformer.
+    Each model has the fewest blocks that hold the span (0, 1) and what follows it: SD3's last joint
+    block (text-free), Flux's single-stream block, PixArt's none (an export's time grows with its blocks)."""
     from tiny_pipelines import flux_pipeline
 
     folder = tmp_path_factory.mktemp("graphs")
@@ -25,12 +27,12 @@ def graphs(tmp_path_factory):
     for name in ("sd3", "flux", "pixart"):
         options = {}
         if name == "flux":
-            out["flux_pipe"] = flux_pipeline(folder)
+            out["flux_pipe"] = flux_pipeline(folder, num_single_layers=1)
             model, options = out["flux_pipe"].transformer, dict(schedule_as_input=True, text_len=32)
         elif name == "sd3":
             model = tt.build(name, num_layers=3)  # the span's two joint blocks, then SD3's last (text-free) one
         else:
-            model = tt.build(name)
+            model = tt.build(name, num_layers=2)
         patch(model, SCHEDULE, span=(0, 1))
         result = to_onnx(model, str(folder / f"{name}.onnx"), **options)
         out[name] = (model, result)

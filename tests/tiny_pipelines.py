@@ -244,15 +244,16 @@ def sd3_pipeline(folder, *, num_layers: int = 4):
     return pipe
 
 
-def flux_pipeline(folder):
-    """FluxPipeline with a dynamically shifting flow-matching scheduler (as FLUX.1-dev's)."""
+def flux_pipeline(folder, **transformer_config):
+    """FluxPipeline with a dynamically shifting flow-matching scheduler (as FLUX.1-dev's); ``transformer_config``
+    overrides the tiny transformer's."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         tok1, te1 = tiny_text_encoder(folder, 16)
         tok2, te2 = tiny_t5()
-        transformer = tiny_transformers.build("flux", joint_attention_dim=32)  # T5's width
+        transformer = tiny_transformers.build("flux", joint_attention_dim=32, **transformer_config)  # T5's width
         vae = tiny_vae(shift_factor=0.0)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0,
