@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-PYTEST_ARGS ?= -q -n 2 --dist loadfile  # two workers; each test file stays on one (shared compiled models)
+PYTEST_ARGS ?= -q -n 2 --dist loadfile --no-loadscope-reorder  # two workers; each file on one, longest first (conftest)
 
 STAMP := $(VENV)/.bypass_kernels_installed
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.txt csrc/*/*.cpp csrc/*/*.cu)

@@ -33,23 +33,28 @@ inductor_config.cpp.simdlen = 1
 if "PYTEST_XDIST_WORKER" in os.environ and torch.get_num_threads() == 1:
     inductor_config.compile_threads = 1
 
+
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu  # skipped where no GPU is visible (below), selected by `-m gpu`
 
 
-# The longest files first: `--dist loadfile` hands out files in collection order, and a long file
-# handed out last keeps one worker busy while the other idles.
+# The longest files first, as measured (a CI run's --durations): `--dist loadfile` hands out files in
+# collection order when xdist's own reordering (by test count) is off (`--no-loadscope-reorder`, in
+# the Makefile), and a long file handed out last keeps one worker busy while the other idles. The
+# files not named follow in their own order; test_export_runtime.py among them, once test_export.py
+# (first) has written the ONNX graphs they share.
 LONGEST_FIRST = (
     "test_export.py",
-    "test_transformer_export.py",
     "test_models_compile.py",
-    "test_transformers.py",
     "test_compile.py",
-    "test_export_runtime.py",
-    "test_codegen.py",
+    "test_transformers.py",
+    "test_transformer_export.py",
     "test_attach.py",
-    "test_offload.py",
+    "test_ops.py",
+    "test_comfyui.py",
     "test_bias_experiment.py",
+    "test_offload.py",
+    "test_codegen.py",
 )
 
 
