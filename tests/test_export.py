@@ -85,7 +85,7 @@ def test_onnxruntime_matches_patched_pytorch(sd_graph):
     _compare(unet, sd_graph["path"], export_inputs(unet), TIMESTEPS)
 
 
-def test_export_leaves_the_model_as_it_was(tmp_path):
+def test_export_leaves_the_model_as_it_was(tmp_path, static_export):
     unet = _mini_unet2d()
     bypass_kernels.patch(unet, SCHEDULE)
     before = [(n, p.clone()) for n, p in unet.state_dict().items()]
@@ -94,8 +94,7 @@ def test_export_leaves_the_model_as_it_was(tmp_path):
     assert unet._bypass.backend == "auto"
     for (name, was), (_, now) in zip(before, unet.state_dict().items(), strict=True):
         assert torch.equal(was, now), name
-    plain = _mini_unet2d()
-    to_onnx(plain, str(tmp_path / "plain.onnx"), SCHEDULE, **STATIC)  # a schedule given to an unpatched model
+    plain, _ = static_export  # exported with a schedule given to it, unpatched
     assert not bypass_kernels.is_patched(plain)
 
 
@@ -276,6 +275,16 @@ def _mini_unet2d():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return UNet2DModel(**MINI_UNET2D).eval()
+
+
+@pytest.fixture(scope="module")
+def static_export(tmp_path_factory):
+    """MINI_UNET2D, unpatched, exported with SCHEDULE given, at a fixed batch, height and width:
+    (the model, the graph's path)."""
+    model = _mini_unet2d()
+    path = str(tmp_path_factory.mktemp("static") / "plain.onnx")
+    to_onnx(model, path, SCHEDULE, **STATIC)
+    return model, path
 
 
 @pytest.fixture(scope="module")
@@ -618,11 +627,10 @@ def test_profile_argument_errors_name_the_input_and_range(sd_graph, kwargs, matc
         default_profile(sd_graph["path"], **kwargs)
 
 
-def test_profile_of_a_static_graph(tmp_path):
+def test_profile_of_a_static_graph(static_export):
     from bypass_kernels.export import default_profile
 
-    path = str(tmp_path / "static.onnx")
-    to_onnx(_mini_unet2d(), path, SCHEDULE, **STATIC)
+    _, path = static_export
     assert default_profile(path) == {}
     with pytest.raises(ValueError, match="fixed at 2"):
         default_profile(path, batch=(1, 2, 4))

@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 from conftest import example_inputs, hand_hook, run_unet
+from tiny_models import one_level_sd
 from torch import nn
 
 import bypass_kernels
@@ -124,7 +125,7 @@ def test_every_transition_takes_effect_on_a_compiled_model(how):
 
 
 def test_pipeline_whose_unet_was_compiled_and_run_then_patched():
-    unet = build_unet("tiny-sd")
+    unet = one_level_sd()  # the smallest SD-style UNet: a quick Dynamo trace
     inputs = example_inputs(unet, batch=2, timestep=torch.tensor([950, 400]))
     expected_plain = run_unet(unet, inputs)
     handles = hand_hook(unet, SCHEDULE.weight)
