@@ -33,7 +33,6 @@ inductor_config.cpp.simdlen = 1
 if "PYTEST_XDIST_WORKER" in os.environ and torch.get_num_threads() == 1:
     inductor_config.compile_threads = 1
 
-
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu  # skipped where no GPU is visible (below), selected by `-m gpu`
 

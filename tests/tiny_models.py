@@ -97,23 +97,31 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
 FRAME_DIM = {"UNet3DConditionModel": 2, "UNetMotionModel": 2, "I2VGenXLUNet": 2, "UNetSpatioTemporalConditionModel": 1}
 
 
-def one_level_sd(*, seed: int = 0):
-    """The smallest SD-style UNet2DConditionModel: one level, a cross-attention mid-block, no
-    up/down-sampling. Quick to compile and export where what is tested is not the model's size."""
+def _seeded_unet(config: dict, seed: int):
+    """A UNet2DConditionModel of ``config`` with seeded random weights (the same on every call), in eval mode."""
     from diffusers import UNet2DConditionModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet2DConditionModel(
-            sample_size=8,
-            block_out_channels=(16,),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D",),
-            up_block_types=("UpBlock2D",),
-            cross_attention_dim=8,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        ).eval()
+        return UNet2DConditionModel(**config).eval()
+
+
+_ONE_LEVEL_SD = dict(
+    sample_size=8,
+    block_out_channels=(16,),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D",),
+    up_block_types=("UpBlock2D",),
+    cross_attention_dim=8,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+
+
+def one_level_sd(*, seed: int = 0):
+    """The smallest SD-style UNet2DConditionModel: one level, a cross-attention mid-block, no
+    up/down-sampling. Quick to compile and export where what is tested is not the model's size."""
+    return _seeded_unet(_ONE_LEVEL_SD, seed)
 
 
 # The UNets of the shared ONNX graphs (conftest's sd_graph, sdxl_graph) and of the pipelines that run them:
@@ -139,11 +147,7 @@ GRAPH_UNETS = {
 
 def graph_unet(name: str, *, seed: int = 0):
     """The UNet ``GRAPH_UNETS[name]`` with seeded random weights (the same weights on every call)."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return UNet2DConditionModel(**GRAPH_UNETS[name]).eval()
+    return _seeded_unet(GRAPH_UNETS[name], seed)
 
 
 def build_tiny_model(name: str, *, seed: int = 0):
