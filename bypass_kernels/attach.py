@@ -1,27 +1,34 @@
-"""How a patch attaches to a model: three hooks that pass one call's values through a per-thread record.
+"""How a patch attaches to a model: its forward passes one call's values through a per-thread record.
 
 A *span* is a run of blocks i..j that the model's forward calls one after another (a UNet's
 mid-block is a span of one). With h the streams entering block i and m those leaving block j, the
-patched output is ``m + λ(t)·(h − m)``. A :class:`BypassController` attaches three hooks:
+patched output is ``m + λ(t)·(h − m)``. A :class:`BypassController` gives three modules a role:
 
-- :class:`KeepTimestep` on the *carrier*, the submodule that receives the call's timestep inside
-  the model's forward, once per call (a diffusers UNet's ``time_proj``; a DiT's time embedder), or
-  :class:`KeepModelTimestep` on the model itself where no such module is known (the timestep is
-  then read from the model's arguments);
-- :class:`EnterSpan`, a pre-hook on block i, keeps the streams h (not in compiled code for a span of
-  one block and one stream: the span end reads the block's own input);
-- :class:`LeaveSpan`, a hook on block j, blends each stream of its output.
+- the *carrier*, the submodule that receives the call's timestep inside the model's forward, once
+  per call (a diffusers UNet's ``time_proj``; a DiT's time embedder), keeps it
+  (:class:`KeepTimestep`); where no such module is known, :class:`KeepModelTimestep` reads it from
+  the model's own arguments (a pre-hook on the model);
+- block i keeps the streams h (:class:`EnterSpan`; not in compiled code for a span of one block and
+  one stream: the span end reads the block's own input);
+- block j blends each stream of its output (:class:`LeaveSpan`).
+
+Each role lives in the module's own forward: the module's class is swapped for a same-named subclass
+(an *attached class*) whose ``forward`` runs the role around its base's forward, the role objects in
+the module's ``_bypass_roles``. Dynamo reads an attached class's forward as code of a type it already
+guards, and the compiled common case is written out in it with its constants in its closure, so
+compiled code checks almost nothing a hand-written blend would not (a forward hook costs guards on
+the hook dictionaries ``Module._call_impl`` reads, on each hook object's type, code and attributes).
+A module that has its own ``forward`` attribute (an offloading wrapper, installed before the patch)
+would never reach a class forward: it gets the roles as forward hooks instead.
 
 The values travel in the entry ``call`` of a ``threading.local``'s dict, tagged with the
 controller's token: the carrier sets it, the span start extends it, the span end reads it and
-deletes it. Under torch.compile the hooks of submodules run inside the model's own compiled frame,
-so the timestep is data flow of that frame, shared with no other call or thread, and the frame
-gains no frame of its own (hooks on the model itself run outside the frame ``torch.compile(model)``
-compiles, one Python call per step). The hooks share nothing but that global and constants, and
-the span end reads the λ tables from its own block (``_bypass_tables``, the controller's dict), not
-through the controller: Dynamo then needs no guard that two of them reach the same object, and
-fetches the table through the model, not through a hook dictionary. Where a value must cross frames
-(a graph break between carrier and span), Dynamo reads the thread-local per thread.
+deletes it. Under torch.compile the forwards of submodules run inside the model's own compiled
+frame, so the timestep is data flow of that frame, shared with no other call or thread, and the
+frame gains no frame of its own (hooks on the model itself run outside the frame
+``torch.compile(model)`` compiles, one Python call per step). The span end reads the λ tables from
+its own block (``_bypass_tables``, the controller's dict), not through the controller. Where a value
+must cross frames (a graph break between carrier and span), Dynamo reads the thread-local per thread.
 
 A call that raises after the carrier and before the span end leaves its values behind; the next
 model call overwrites them, and in eager mode a block called on its own is checked against the
@@ -30,11 +37,12 @@ a carrier called on its own, against the model being called), so it is never ble
 call's timestep. Compiled code keeps its record under a key of its own, so such a leftover is
 nothing to it, whether it was there when the code was traced or not (see ``_find_record``).
 
-The compiled code never sees a hook come or go (Dynamo does not guard on empty hook dicts), so
-attaching also swaps the class of one module, the *trigger* (the carrier, or the model where the
-carrier is the model), for a same-named subclass: Dynamo guards on the type of every module it
-inlines, and the next call recompiles instead of running stale code. The model's own class and
-the classes of its blocks never change.
+Dynamo guards on the type of every module it inlines, so swapping a class makes compiled code
+recompile on its next call, and swapping it back reuses the original code. Where every role is a
+hook (Dynamo does not guard on hooks added to empty hook dicts), the span's last block still gets a
+same-named subclass, one that changes nothing. The model's own class never changes. A forward
+reached through a bound method kept from before ``unpatch`` (an offloading wrapper added while
+patched) finds its module no longer of its class and runs the module's present forward.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, is_grad_enabled, nn
 from torch.compiler import is_compiling
+from torch.nn.utils import parametrize
 
 from bypass_kernels.ops import _as_timestep, blend, blend_, blend_reference
 from bypass_kernels.schedule import BypassSchedule
@@ -114,9 +123,10 @@ class Carrier:
     first_half: bool = False  # QwenImage with zero_cond_t embeds [t, 0·t] (the image, its reference): λ from t
 
 
-# --------------------------------------------------------------------- the hooks
+# --------------------------------------------------------------------- the roles
 class KeepTimestep:
-    """Pre-hook on the carrier: its first argument is this call's [batch] timestep."""
+    """The carrier's role (its attached forward calls it, or it is its pre-hook): its first argument is
+    this call's [batch] timestep."""
 
     # Slots: compiled code then need not check that an instance attribute shadows __call__ (one guard per hook)
     __slots__ = ("as_given", "compiled_key", "controller", "first_half", "key", "offset", "scale")
@@ -184,7 +194,7 @@ class KeepModelTimestep(KeepTimestep):
 
 
 class EnterSpan:
-    """Pre-hook on block i: keeps the streams entering the span."""
+    """Block i's role, before its forward (called by it, or a pre-hook): keeps the streams entering the span."""
 
     __slots__ = ("clone", "compiled_key", "controller", "key", "own_input", "streams")
 
@@ -216,7 +226,8 @@ class EnterSpan:
 
 
 class LeaveSpan:
-    """Hook on block j: blends each stream of its output with the span's input."""
+    """Block j's role, after its forward (called by it, or a hook): blends each stream of its output with
+    the span's input. Returns the new output, or None where it blended in place."""
 
     __slots__ = ("compiled_key", "controller", "input_name", "key", "outputs", "own_input", "single", "token")
 
@@ -248,10 +259,7 @@ class LeaveSpan:
             entered = (own,)
         if versions is not None:
             _check_unchanged(entered, versions)
-        table = None
-        if _OPEN_OVERRIDES:
-            override = calls.get("table")
-            table = override[1] if override is not None and override[0] == self.token else None
+        table = _override(calls, self.token) if _OPEN_OVERRIDES else None
         controller = self.controller  # read by compiled code only as an argument: no guard on it
         if self.single:
             return blend_stream(controller, block, output, entered[0], timestep, table)
@@ -272,15 +280,31 @@ class LeaveSpan:
         return None if rebuilt is None else type(output)(rebuilt)
 
 
-# --------------------------------------------------------------------- marker classes (the trigger)
-_MARKERS: dict[type, type] = {}
+# --------------------------------------------------------------------- attached classes
+@dataclass(frozen=True)
+class Role:
+    """What an attached class's forward does, in constants (its compiled code then reads no object's
+    attributes for them). ``kind``: "timestep" (the carrier), "span" (block i and/or j), None
+    (nothing: a class swap that only makes compiled code recompile). ``fast``: the compiled common
+    case is written out (a carrier that gives the timestep as it is; a span of one block and one
+    stream that blends with the block's own input)."""
+
+    kind: str | None = None
+    compiled_key: str = ""
+    fast: bool = False
+    input_name: str = ""
+    token: str = ""
 
 
-def marker_class(base: type) -> type:
-    """A subclass of ``base`` with its name, module and behaviour (and pickling): Dynamo guards on
-    the types of the modules it inlines, so swapping the trigger's class makes compiled code
-    recompile on its next call."""
-    marker = _MARKERS.get(base)
+_ROLES = "_bypass_roles"  # a module's role objects: (pre, post), each a hook object of this module or None
+_MARKERS: dict[tuple[type, Role], type] = {}
+
+
+def marker_class(base: type, role: Role = Role()) -> type:
+    """A subclass of ``base`` with its name, module and pickling whose forward runs ``role`` around
+    ``base.forward``. Dynamo guards on the types of the modules it inlines, so swapping a module's
+    class makes compiled code recompile on its next call."""
+    marker = _MARKERS.get((base, role))
     if marker is None:
         namespace = {
             "__module__": base.__module__,
@@ -288,28 +312,110 @@ def marker_class(base: type) -> type:
             "__doc__": base.__doc__,
             "__reduce_ex__": _reduce_marked,
             "_bypass_base": base,
+            "_bypass_role": role,
             # What calling a module looks up, resolved here once: compiled code then finds them in this
             # class and checks no other class of its hierarchy for them (fewer guards per call)
             "__call__": base.__call__,
             "_call_impl": base._call_impl,
             "_compiled_call_impl": base._compiled_call_impl,
         }
-        marker = _MARKERS[base] = type(base.__name__, (base,), namespace)
+        marker = _MARKERS[(base, role)] = _with_forward(base, role, namespace)
+    return marker
+
+
+def _with_forward(base: type, role: Role, namespace: dict) -> type:
+    """The attached class: ``namespace`` and, for a role, a forward that runs it. The forward reads its
+    constants from its closure; ``marker`` is the class itself (assigned below, before any call)."""
+    key, fast, input_name, token = role.compiled_key, role.fast, role.input_name, role.token
+    # A forward reached through a bound method kept from before unpatch (or from another attached class of
+    # the same base) runs the module's present forward: ``not isinstance(self, marker)``. In eager mode a
+    # module whose roles are gone does too (a class over ours that unpatch could not take away).
+
+    if role.kind == "timestep":
+
+        def forward(self, *args, **kwargs):
+            if not isinstance(self, marker) or (not is_compiling() and _ROLES not in self.__dict__):
+                return type(self).forward(self, *args, **kwargs)
+            if fast and is_compiling() and not is_grad_enabled():
+                # compiled inference, written out: one entry written, no object read (grad mode is a
+                # constant while tracing)
+                _CALLS.__dict__[key] = (args[0] if args else next(iter(kwargs.values())), None)
+            else:
+                self.__dict__[_ROLES][0](self, args or tuple(kwargs.values()))
+            return super(marker, self).forward(*args, **kwargs)
+
+    elif role.kind == "span":
+
+        def forward(self, *args, **kwargs):
+            if not isinstance(self, marker) or (not is_compiling() and _ROLES not in self.__dict__):
+                return type(self).forward(self, *args, **kwargs)
+            if fast and is_compiling():
+                out = super(marker, self).forward(*args, **kwargs)
+                calls = _CALLS.__dict__
+                call = calls.get(key)
+                if call is not None:  # this frame's carrier wrote it: the common case, written out
+                    del calls[key]
+                    table = _override(calls, token) if _OPEN_OVERRIDES else None
+                    own = args[0] if args else kwargs[input_name]
+                    blended = blend_stream(None, self, out, own, call[0], table)
+                    return out if blended is None else blended
+                blended = self.__dict__[_ROLES][1](self, args, kwargs, out)  # an eager carrier's record
+                return out if blended is None else blended
+            enter, leave = self.__dict__[_ROLES]
+            if enter is not None:
+                enter(self, args, kwargs)
+            out = super(marker, self).forward(*args, **kwargs)
+            if leave is not None:
+                blended = leave(self, args, kwargs, out)
+                if blended is not None:
+                    out = blended
+            return out
+
+    if role.kind is not None:
+        forward.__name__ = forward.__qualname__ = "forward"
+        forward.__doc__ = base.forward.__doc__
+        namespace["forward"] = forward
+    marker = type(base.__name__, (base,), namespace)
     return marker
 
 
 def _reduce_marked(self, protocol):
-    # Pickle and deepcopy name the base class (importable), then rebuild the marker on load.
+    # Pickle and deepcopy name the base class (importable) and the role, then rebuild the class on load.
     _, _, *rest = object.__reduce_ex__(self, max(protocol, 2))
-    return (_new_marked, (type(self)._bypass_base,), *rest)
+    cls = _attached_class_of(self)
+    return (_new_marked, (cls._bypass_base, cls._bypass_role), *rest)
 
 
-def _new_marked(base: type):
-    return object.__new__(marker_class(base))
+def _new_marked(base: type, role: Role = Role()):
+    return object.__new__(marker_class(base, role))
 
 
 def is_marked(module: nn.Module) -> bool:
-    return "_bypass_base" in type(module).__dict__
+    return _attached_class_of(module) is not None
+
+
+def _attached_class_of(module: nn.Module) -> type | None:
+    """The module's attached class, also under a parametrization class (torch.nn.utils.parametrize
+    puts one above the module's class)."""
+    cls = parametrize.type_before_parametrizations(module)
+    return cls if "_bypass_base" in cls.__dict__ else None
+
+
+def _set_class_below_parametrizations(module: nn.Module, cls: type) -> None:
+    """Make ``cls`` the module's class, below its parametrization class if it has one: removing the
+    last parametrization sets the class to that class's base, which must then be ``cls``."""
+    if not parametrize.is_parametrized(module):
+        module.__class__ = cls
+        return
+    above = type(module)
+    namespace = {k: v for k, v in vars(above).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(above.__name__, (cls,), namespace)
+
+
+def _override(calls: dict, token: str):
+    """The table a ``table_for_calls`` of this model class opened in this thread, else None."""
+    override = calls.get("table")
+    return override[1] if override is not None and override[0] == token else None
 
 
 # --------------------------------------------------------------------- the controller
@@ -324,7 +430,6 @@ class BypassController:
         owner: nn.Module,
         carrier: Carrier,
         span: Span,
-        trigger: nn.Module,
         clone_inputs: bool = False,
     ):
         self.schedule = schedule
@@ -332,7 +437,6 @@ class BypassController:
         self.owner = owner
         self.carrier = carrier
         self.span = span
-        self.trigger = trigger
         self.clone_inputs = clone_inputs
         self.token = f"{type(owner).__module__}.{type(owner).__qualname__}"
         # One table per device, in one dict that the span's last block also holds (``_bypass_tables``):
@@ -340,7 +444,7 @@ class BypassController:
         self._tables: dict[torch.device, torch.Tensor] = {_HOST: schedule.table(_HOST)}
         self._pipeline: Callable | None = None  # weakref to the pipeline patched through, if any
         self._handles: list = []
-        self._swapped: tuple[nn.Module, type] | None = None
+        self._swapped: list[tuple[nn.Module, type, Role]] = []  # (module, its base class, its role): picklable
         self._owner_codes = forward_codes(owner)
 
     # ----------------------------------------------------------------- tables
@@ -401,9 +505,9 @@ class BypassController:
         self.check_pipeline()
 
     def check_checkpointing(self) -> None:
-        """A transformer checkpoints whole blocks, hooks included, whenever gradients are on and its
+        """A transformer checkpoints whole blocks, roles included, whenever gradients are on and its
         ``gradient_checkpointing`` is set (in eval mode too): refused. (A UNet checkpoints inside its
-        mid-block, below the hooks.) Compiled code checks it while tracing, where gradients are on."""
+        mid-block, below the roles.) Compiled code checks it while tracing, where gradients are on."""
         owner = self.owner
         checkpointing = torch.is_grad_enabled() and getattr(owner, "gradient_checkpointing", False)
         if checkpointing and not hasattr(owner, "mid_block"):
@@ -428,7 +532,7 @@ class BypassController:
     def __repr__(self) -> str:
         return f"BypassController(schedule={self.schedule!r}, backend={self.backend!r})"
 
-    # ----------------------------------------------------------------- what the hooks call
+    # ----------------------------------------------------------------- what the roles call
     def owner_frame(self) -> int | None:
         """The id of the model's forward frame that is calling the carrier (eager mode), or None
         where it is not found (a forward replaced by the user's own)."""
@@ -444,22 +548,47 @@ class BypassController:
 
     # ----------------------------------------------------------------- install / remove
     def install(self) -> None:
-        """Attach: all or nothing (on any failure the model is left as it was)."""
+        """Attach: all or nothing (on any failure the model is left as it was). Each role goes into its
+        module's forward (an attached class), or into a hook where the module has a forward of its own."""
         try:
-            if self.carrier.module is None:
+            carrier, first, last = self.carrier.module, self.span.first, self.span.last
+            if carrier is None:
                 hook = self.owner.register_forward_pre_hook(KeepModelTimestep(self), with_kwargs=True)
+                self._handles.append(hook)
             else:
-                hook = self.carrier.module.register_forward_pre_hook(KeepTimestep(self))
-            self._handles.append(hook)
-            self._handles.append(self.span.first.register_forward_pre_hook(EnterSpan(self), with_kwargs=True))
-            self._handles.append(self.span.last.register_forward_hook(LeaveSpan(self), with_kwargs=True))
-            self.span.last.__dict__[_TABLES] = self._tables
-            base = type(self.trigger)
-            self.trigger.__class__ = marker_class(base)
-            self._swapped = (self.trigger, base)
+                keep = KeepTimestep(self)
+                role = Role("timestep", keep.compiled_key, fast=keep.as_given)
+                if not self._attach_class(carrier, (keep,), role):
+                    self._handles.append(carrier.register_forward_pre_hook(keep))
+            enter, leave = EnterSpan(self), LeaveSpan(self)
+            ends = ((first, enter, leave),) if first is last else ((first, enter, None), (last, None, leave))
+            for block, pre, post in ends:
+                fast = pre is not None and post is not None and leave.own_input
+                role = Role("span", leave.compiled_key, fast, leave.input_name, leave.token)
+                if not self._attach_class(block, (pre, post), role):
+                    if pre is not None:
+                        self._handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+                    if post is not None:
+                        self._handles.append(block.register_forward_hook(post, with_kwargs=True))
+            last.__dict__[_TABLES] = self._tables
+            if not self._swapped:  # every role is a hook, which compiled code does not see come: swap a class
+                self._attach_class(last, None, Role())
         except Exception:
             self.remove()
             raise
+
+    def _attach_class(self, module: nn.Module, roles: tuple | None, role: Role) -> bool:
+        """Give ``module`` the attached class of ``role``; False (nothing changed) where it has a forward of
+        its own (an offloading wrapper's, say), which a class forward would never be reached through."""
+        if "forward" in module.__dict__ and roles is not None:
+            return False
+        base = parametrize.type_before_parametrizations(module)
+        cls = marker_class(base, role)
+        _set_class_below_parametrizations(module, cls)
+        self._swapped.append((module, base, role))
+        if roles is not None:
+            module.__dict__[_ROLES] = roles
+        return True
 
     def remove(self) -> None:
         for handle in reversed(self._handles):
@@ -467,11 +596,19 @@ class BypassController:
         self._handles = []
         if self.span.last.__dict__.get(_TABLES) is self._tables:
             del self.span.last.__dict__[_TABLES]
-        if self._swapped is not None:
-            module, base = self._swapped
-            if is_marked(module):
-                module.__class__ = base
-            self._swapped = None
+        for module, base, role in reversed(self._swapped):
+            roles = module.__dict__.get(_ROLES)
+            if roles is not None and any(r is not None and r.controller is self for r in roles):
+                del module.__dict__[_ROLES]
+            if parametrize.type_before_parametrizations(module) is marker_class(base, role):
+                _set_class_below_parametrizations(module, base)
+        self._swapped = []
+
+    def roles_of(self, module: nn.Module) -> tuple:
+        """The role objects of this controller on ``module`` (for checks and tests)."""
+        roles = module.__dict__.get(_ROLES) or ()
+        hooks = (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
+        return tuple(r for r in (*roles, *hooks) if isinstance(r, _HOOKS) and r.controller is self)
 
 
 _HOOKS = (KeepTimestep, EnterSpan, LeaveSpan)  # KeepModelTimestep is a KeepTimestep
@@ -541,12 +678,12 @@ def _view(tensor: Tensor, shape: tuple) -> Tensor | None:
 
 
 def owner_of(module: nn.Module) -> BypassController | None:
-    """The controller whose hooks sit on ``module``, if any (found through the hooks themselves, so
-    copies and pickles answer too)."""
-    for attr in ("_forward_pre_hooks", "_forward_hooks"):
-        for hook in getattr(module, attr).values():
-            if isinstance(hook, _HOOKS):
-                return hook.controller
+    """The controller whose roles sit on ``module``, if any (found through the role objects themselves,
+    so copies and pickles answer too)."""
+    roles = module.__dict__.get(_ROLES) or ()
+    for role in (*roles, *module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+        if isinstance(role, _HOOKS):
+            return role.controller
     return None
 
 

@@ -1,10 +1,10 @@
 """Reversible patching of diffusers models (and pipelines) with the bypass.
 
 ``patch(model)`` finds the span to bypass and where the timestep enters (:mod:`bypass_kernels.targets`),
-then attaches a :class:`~bypass_kernels.attach.BypassController` (hooks, a per-thread record of
-each call, the λ tables; :mod:`bypass_kernels.attach` says how), kept as ``model._bypass``.
-``unpatch`` removes every hook, restores the one swapped class and drops ``model._bypass``: the
-model is exactly as it was.
+then attaches a :class:`~bypass_kernels.attach.BypassController` (three roles in their modules'
+forwards, a per-thread record of each call, the λ tables; :mod:`bypass_kernels.attach` says how),
+kept as ``model._bypass``. ``unpatch`` removes every role, restores every swapped class and drops
+``model._bypass``: the model is exactly as it was.
 
 The table is not a module buffer: a host copy is always there (so a model patched on ``meta``
 needs nothing after ``to_empty``/``load_state_dict``), and a copy is made on each device the
@@ -121,7 +121,9 @@ def _controller(model) -> BypassController | None:
 def _refuse_shared(target: targets.Target, mine: BypassController | None) -> None:
     """A block (or carrier) already bypassed through another model: two controllers on one module
     would each blend it; refused before anything changes."""
-    for module in (target.owner, target.trigger, target.span.first, target.span.last):
+    for module in (target.owner, target.carrier.module, target.span.first, target.span.last):
+        if module is None:
+            continue
         other = owner_of(module)
         if other is not None and other is not mine:
             raise ValueError(
@@ -228,7 +230,7 @@ def patch(
 
 
 def _attachment(x) -> tuple:
-    """What decides where the hooks sit: the span's blocks and streams, the carrier and how it reads t."""
+    """What decides where the roles sit: the span's blocks and streams, the carrier and how it reads t."""
     return (x.span, x.carrier)
 
 
@@ -250,7 +252,6 @@ def _attach(target: targets.Target, schedule: BypassSchedule, backend: str) -> B
         owner=target.owner,
         carrier=target.carrier,
         span=target.span,
-        trigger=target.trigger,
         clone_inputs=_writes_in_place(target),
     )
     try:
@@ -267,7 +268,7 @@ def _attach(target: targets.Target, schedule: BypassSchedule, backend: str) -> B
 
 
 def unpatch(model):
-    """Restore ``model`` exactly: hooks removed, the swapped class restored, the controller dropped;
+    """Restore ``model`` exactly: roles removed, the swapped classes restored, the controller dropped;
     a second call does nothing. Compiled models recompile on their next call. Returns ``model``."""
     owners, pipeline = targets.models_of(model, "unpatch")
     for owner in owners:

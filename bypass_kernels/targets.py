@@ -107,7 +107,6 @@ class Target:
     pipeline: object | None  # the pipeline it was reached through, if any
     carrier: Carrier
     span: Span
-    trigger: nn.Module  # the module whose class is swapped so compiled code sees the patch
     family: str  # "unet", "transformer" or "module" (a model this package does not know by class)
 
 
@@ -176,7 +175,7 @@ def resolve(
             scale, offset = -scale, 1000.0 * scale
         first_half = bool(getattr(getattr(owner, "config", None), "zero_cond_t", False))  # QwenImage-Edit-2511
         carrier = Carrier(_named_carrier(owner, name, caller), scale, offset=offset, first_half=first_half)
-        return Target(owner, pipeline, carrier, target_span, carrier.module, "transformer")
+        return Target(owner, pipeline, carrier, target_span, "transformer")
     if span not in (None, "mid_block"):
         raise ValueError(
             f"bypass_kernels.{caller}: span={span!r}: {type(owner).__name__} bypasses its mid-block; span is for "
@@ -193,7 +192,7 @@ def resolve(
     unet_span = Span(first=mid, last=mid, streams=(Stream("hidden_states", 0, None),), modules=(mid,))
     module = _named_carrier(owner, timestep_module, caller) if timestep_module else _unet_carrier(owner)
     carrier = Carrier(module, 1.0 if timestep_scale is None else float(timestep_scale))
-    return Target(owner, pipeline, carrier, unet_span, module or owner, "unet" if module is not None else "module")
+    return Target(owner, pipeline, carrier, unet_span, "unet" if module is not None else "module")
 
 
 def _named_carrier(owner: nn.Module, name: str, caller: str) -> nn.Module:

@@ -155,6 +155,51 @@ def test_an_eager_call_interrupted_inside_the_span_does_not_break_compiled_calls
     torch.testing.assert_close(call(compiled), expected)
 
 
+@pytest.mark.parametrize(
+    "order",
+    [
+        "wrapper-then-patch",
+        "patch-then-wrapper",
+        "patch-wrapper-unwrap",
+        "patch-wrapper-unpatch-patch",
+        "compile-wrap-both-then-patch",
+    ],
+)
+def test_a_forward_wrapper_on_the_mid_block_in_any_order_blends_once(order):
+    """Offloading libraries (accelerate, diffusers' hooks) set a module's ``forward`` as an instance
+    attribute that calls the forward they found. Set before the patch, the block gets hooks; set after, the
+    wrapper calls the attached forward. Every order blends exactly once, eager and compiled, and unpatch
+    leaves the plain model."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    torch._dynamo.reset()  # TimedToy's forward is compiled by other tests too: its recompile limit is for this one
+    model = TimedToy().eval()
+    expected, plain = toy_reference(model, SCHEDULE), toy_reference(model, BypassSchedule.constant(0.0))
+    wrap = lambda: add_hook_to_module(model.mid_block, ModelHook())  # noqa: E731
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    if order == "wrapper-then-patch":
+        wrap()
+    if order == "compile-wrap-both-then-patch":  # every role a hook: the compiled code must still see the patch
+        torch.testing.assert_close(call(compiled), plain)
+        wrap()
+        add_hook_to_module(model.time_proj, ModelHook())
+    patch(model, SCHEDULE, timestep_module="time_proj")
+    if order in ("patch-then-wrapper", "patch-wrapper-unwrap", "patch-wrapper-unpatch-patch"):
+        wrap()
+    if order == "patch-wrapper-unwrap":
+        remove_hook_from_module(model.mid_block)  # puts back the forward it found: the attached one, bound
+    if order == "patch-wrapper-unpatch-patch":
+        unpatch(model)
+        torch.testing.assert_close(call(model), plain)
+        patch(model, SCHEDULE, timestep_module="time_proj")
+    for runnable in (model, compiled, model):
+        torch.testing.assert_close(call(runnable), expected)
+    unpatch(model)
+    assert type(model.mid_block) is Mid and type(model.time_proj) is Timesteps and type(model) is TimedToy
+    for runnable in (model, compiled):
+        torch.testing.assert_close(call(runnable), plain)
+
+
 def test_the_timestep_module_called_alone_leaves_nothing_a_block_called_alone_uses(unet):
     """``unet.time_proj(t)`` outside a UNet call (to look at the embedding) writes a record no model
     frame owns; the mid-block called alone afterwards is the plain mid-block."""
@@ -210,12 +255,19 @@ def test_a_compiled_call_interrupted_inside_the_span_leaves_nothing_a_block_call
 
 
 # --------------------------------------------------------------------- exact types
-def test_the_model_and_its_blocks_keep_their_exact_classes(unet):
+def test_the_model_keeps_its_exact_class_and_its_attached_modules_a_same_named_one(unet):
+    """The model's class never changes (diffusers checks it exactly); the modules that carry a role
+    (the timestep projection and the mid-block) get a subclass of their class with its name, module
+    and pickling, and unpatch gives every module its exact class back."""
     classes = {name: type(m) for name, m in unet.named_modules()}
     patch(unet)
     changed = {name for name, m in unet.named_modules() if type(m) is not classes[name]}
-    assert changed == {"time_proj"}  # the parameter-free timestep projection: the compile trigger
-    assert type(unet) is classes[""] and type(unet.mid_block) is classes["mid_block"]
+    assert changed == {"time_proj", "mid_block"}
+    assert type(unet) is classes[""]
+    for name in changed:
+        cls, base = type(unet.get_submodule(name)), classes[name]
+        assert cls.__mro__[1] is base
+        assert (cls.__name__, cls.__qualname__, cls.__module__) == (base.__name__, base.__qualname__, base.__module__)
     unpatch(unet)
     assert all(type(m) is classes[name] for name, m in unet.named_modules())
 
@@ -283,7 +335,7 @@ def test_two_models_sharing_a_mid_block_cannot_both_be_patched():
     patch(b, SCHEDULE)
     torch.testing.assert_close(call(b), toy_reference(b, SCHEDULE))
     unpatch(b)
-    assert type(a) is Toy and type(b) is Toy and all(not m._forward_hooks for m in (a.mid_block, b.mid_block))
+    assert type(a) is Toy and type(b) is Toy and type(a.mid_block) is Mid and "_bypass_roles" not in vars(a.mid_block)
 
 
 class Leaf(nn.Conv2d):
@@ -306,11 +358,15 @@ def test_parametrize_on_a_leaf_mid_block(order):
     else:
         parametrizations.weight_norm(toy.mid_block)
         patch(toy, SCHEDULE)
+        torch.testing.assert_close(call(toy), toy_reference(toy, SCHEDULE))
         parametrize.remove_parametrizations(toy.mid_block, "weight")
-        assert type(toy.mid_block) is Leaf
+        assert not parametrize.is_parametrized(toy.mid_block) and is_patched(toy)
         torch.testing.assert_close(call(toy), toy_reference(toy, SCHEDULE))
         unpatch(toy)
-    assert type(toy) is Toy
+    assert type(toy) is Toy and parametrize.type_before_parametrizations(toy.mid_block) is Leaf
+    if parametrize.is_parametrized(toy.mid_block):
+        parametrize.remove_parametrizations(toy.mid_block, "weight")
+    assert type(toy.mid_block) is Leaf
 
 
 # --------------------------------------------------------------------- blocks that write their input
@@ -447,19 +503,34 @@ def test_compiled_code_never_checks_that_the_record_lacks_an_attribute():
     assert not absent, absent
 
 
-def test_compiled_code_checks_no_aliasing_through_the_patch_and_no_hierarchy_of_the_trigger(unet):
+def test_compiled_code_checks_no_aliasing_through_the_patch_and_only_the_carriers_base_above_it(unet):
     """Two guards a patch can avoid, read from Dynamo's guard log: the compiled carrier hook reaches the
     torch module through none of this package's globals (a second path to an object torch.nn reaches
     costs a check that both are the same object, run in Python on every call), and calling the
-    trigger (its swapped class) looks up no class above it (the class names its base's call methods)."""
+    carrier (its attached class) looks up no call method above it (the class names its base's): the one
+    class above it read is its base, for the forward the attached one runs."""
     log = _dynamo_log_of_a_compiled_patched(
         unet, example_inputs(unet, batch=2), "guards", "torch._dynamo.guards.__guards"
     )
     assert "TENSOR_MATCH" in log  # the guards are in the log at all
     ours = [line for line in log.splitlines() if "is G[" in line and "bypass_kernels" in line]
     assert not ours, ours
-    hierarchy = [line for line in log.splitlines() if "['time_proj']).__mro__" in line]
-    assert not hierarchy, hierarchy
+    # the one class above it that compiled code reads is its base, for the forward it runs (monkeypatched or not)
+    hierarchy = [line for line in log.splitlines() if "['time_proj']).__mro__[" in line]
+    assert hierarchy, "the attached forward's call of its base is not in the log: the test checks nothing"
+    assert all("__mro__[1]" in line and "call" not in line.split("#")[0] for line in hierarchy), hierarchy
+
+
+def test_compiled_code_checks_no_hook_dictionary_of_the_attached_modules(unet):
+    """The roles live in the attached modules' forwards, not in hooks: the guards of a compiled patched
+    UNet read none of its modules' hook dictionaries (each hook costs guards on the dictionaries
+    ``Module._call_impl`` reads and on the hook object's type, code and attributes, on every call)."""
+    log = _dynamo_log_of_a_compiled_patched(
+        unet, example_inputs(unet, batch=2), "guards", "torch._dynamo.guards.__guards"
+    )
+    assert "TENSOR_MATCH" in log
+    hooks = [line for line in log.splitlines() if "._forward_hooks" in line or "._forward_pre_hooks" in line]
+    assert not hooks, hooks
 
 
 @pytest.mark.parametrize("graph_break", [False, True])

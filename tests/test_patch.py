@@ -33,9 +33,11 @@ def snapshot(module: nn.Module):
     return rows, [n for n, _ in module.named_buffers()], list(module.state_dict())
 
 
-def hook_count(module: nn.Module) -> int:
+def role_count(module: nn.Module) -> int:
+    """The patch's roles attached in ``module``: hooks, and role objects in attached forwards."""
     attrs = ("_forward_hooks", "_forward_pre_hooks")
-    return sum(len(getattr(m, a)) for m in module.modules() for a in attrs)
+    hooks = sum(len(getattr(m, a)) for m in module.modules() for a in attrs)
+    return hooks + sum(r is not None for m in module.modules() for r in vars(m).get("_bypass_roles", ()))
 
 
 def reference(unet, inputs, weight_of, **overrides):
@@ -155,9 +157,9 @@ def test_unpatch_restores_exactly(any_unet):
 def test_patching_twice_replaces_the_schedule(tiny_sd):
     inputs = example_inputs(tiny_sd, batch=1, timestep=torch.tensor([999]))
     patch(tiny_sd, BypassSchedule.constant(0.9))
-    once = hook_count(tiny_sd)
+    once = role_count(tiny_sd)
     patch(tiny_sd, BypassSchedule.constant(0.2))
-    assert hook_count(tiny_sd) == once == 3  # timestep, span start, span end
+    assert role_count(tiny_sd) == once == 3  # timestep, span start, span end
     got = run_unet(tiny_sd, inputs)
     unpatch(tiny_sd)
     expected = reference(tiny_sd, inputs, BypassSchedule.constant(0.2).weight)
