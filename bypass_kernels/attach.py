@@ -78,7 +78,7 @@ _HOST = torch.device("cpu")
 # (A plain ``threading.local()``: Dynamo replays a compiled frame's writes to it in the calling
 # thread; writes to a subclass's instance would be lost.)
 _CALLS = threading.local()
-_STACK_DEPTH = 16  # frames between a hook and the model's forward: _call_impl layers, checkpointing
+_STACK_DEPTH = 64  # frames between a role and the model's forward: _call_impl layers, wrappers, checkpointing
 _OWNER_DEPTH = 64  # frames searched for a call of the model, for a record with no frame id (a rare path)
 # How many table_for_calls are open, in all threads. The span end reads the entry ``table`` only while
 # one is: compiled code that read the absent attribute would check its absence on every call (an
@@ -253,7 +253,7 @@ class LeaveSpan:
         else:
             return None  # block j called on its own
         if self.own_input:  # the input the block ran on (a pre-hook of the user's after ours may replace it)
-            own = args[0] if args else kwargs[self.input_name]
+            own = args[0] if args else kwargs.get(self.input_name)  # None: blend_stream says what it got
             if entered is None or own is not entered[0]:
                 versions = None  # kept for another tensor, or not kept
             entered = (own,)
@@ -319,8 +319,26 @@ def marker_class(base: type, role: Role = Role()) -> type:
             "_call_impl": base._call_impl,
             "_compiled_call_impl": base._compiled_call_impl,
         }
-        marker = _MARKERS[(base, role)] = _with_forward(base, role, namespace)
+        # setdefault: two threads creating the class of one base at once agree on one
+        marker = _MARKERS.setdefault((base, role), _with_forward(base, role, namespace))
+        if base.__module__.startswith("diffusers."):
+            _share_block_metadata(base, marker)
     return marker
+
+
+def _share_block_metadata(base: type, marker: type) -> None:
+    """diffusers' block hooks (FirstBlockCache, MagCache, LayerSkip under the skip-layer guiders) look a
+    block's metadata up by its exact class: the attached class gets its base's entry (which names the base,
+    whose forward has the signature those hooks read)."""
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+    except ImportError:  # a diffusers without block hooks
+        return
+    with contextlib.suppress(AttributeError):  # another layout of diffusers' private registry: nothing to share
+        TransformerBlockRegistry._register()
+        registry = TransformerBlockRegistry._registry
+        if base in registry:
+            registry.setdefault(marker, registry[base])
 
 
 def _with_forward(base: type, role: Role, namespace: dict) -> type:
@@ -329,13 +347,15 @@ def _with_forward(base: type, role: Role, namespace: dict) -> type:
     key, fast, input_name, token = role.compiled_key, role.fast, role.input_name, role.token
     # A forward reached through a bound method kept from before unpatch (or from another attached class of
     # the same base) runs the module's present forward: ``not isinstance(self, marker)``. In eager mode a
-    # module whose roles are gone does too (a class over ours that unpatch could not take away).
+    # module whose roles are gone (a class put over ours, which unpatch leaves) runs its base's forward.
 
     if role.kind == "timestep":
 
         def forward(self, *args, **kwargs):
-            if not isinstance(self, marker) or (not is_compiling() and _ROLES not in self.__dict__):
+            if not isinstance(self, marker):
                 return type(self).forward(self, *args, **kwargs)
+            if not is_compiling() and _ROLES not in self.__dict__:
+                return super(marker, self).forward(*args, **kwargs)
             if fast and is_compiling() and not is_grad_enabled():
                 # compiled inference, written out: one entry written, no object read (grad mode is a
                 # constant while tracing)
@@ -347,8 +367,10 @@ def _with_forward(base: type, role: Role, namespace: dict) -> type:
     elif role.kind == "span":
 
         def forward(self, *args, **kwargs):
-            if not isinstance(self, marker) or (not is_compiling() and _ROLES not in self.__dict__):
+            if not isinstance(self, marker):
                 return type(self).forward(self, *args, **kwargs)
+            if not is_compiling() and _ROLES not in self.__dict__:
+                return super(marker, self).forward(*args, **kwargs)
             if fast and is_compiling():
                 out = super(marker, self).forward(*args, **kwargs)
                 calls = _CALLS.__dict__
@@ -356,7 +378,7 @@ def _with_forward(base: type, role: Role, namespace: dict) -> type:
                 if call is not None:  # this frame's carrier wrote it: the common case, written out
                     del calls[key]
                     table = _override(calls, token) if _OPEN_OVERRIDES else None
-                    own = args[0] if args else kwargs[input_name]
+                    own = args[0] if args else kwargs.get(input_name)
                     blended = blend_stream(None, self, out, own, call[0], table)
                     return out if blended is None else blended
                 blended = self.__dict__[_ROLES][1](self, args, kwargs, out)  # an eager carrier's record
@@ -600,8 +622,9 @@ class BypassController:
             roles = module.__dict__.get(_ROLES)
             if roles is not None and any(r is not None and r.controller is self for r in roles):
                 del module.__dict__[_ROLES]
-            if parametrize.type_before_parametrizations(module) is marker_class(base, role):
-                _set_class_below_parametrizations(module, base)
+            cls = parametrize.type_before_parametrizations(module)
+            if cls.__dict__.get("_bypass_base") is base and cls.__dict__.get("_bypass_role") == role:
+                _set_class_below_parametrizations(module, base)  # (a class put over ours stays, roles gone)
         self._swapped = []
 
     def roles_of(self, module: nn.Module) -> tuple:

@@ -200,6 +200,30 @@ def test_a_forward_wrapper_on_the_mid_block_in_any_order_blends_once(order):
         torch.testing.assert_close(call(runnable), plain)
 
 
+def test_wrappers_stacked_on_the_mid_block_after_the_patch_keep_the_blend():
+    """Each wrapper set after the patch puts a frame between the model's forward and the span's role,
+    which looks for that forward's frame (eager mode): two dozen of them still blend."""
+    model = TimedToy().eval()
+    expected = toy_reference(model, SCHEDULE)
+    patch(model, SCHEDULE, timestep_module="time_proj")
+    for _ in range(24):
+        model.mid_block.forward = lambda *args, inner=model.mid_block.forward, **kwargs: inner(*args, **kwargs)
+    torch.testing.assert_close(call(model), expected)
+
+
+def test_unpatch_under_a_class_put_over_the_attached_one_leaves_a_plain_block():
+    """A library that swaps a patched block's class for a subclass of its own: unpatch cannot take the
+    attached class away from under it, but takes its role, and the block runs as the plain block."""
+    model = TimedToy().eval()
+    plain = toy_reference(model, BypassSchedule.constant(0.0))
+    patch(model, SCHEDULE, timestep_module="time_proj")
+    attached = type(model.mid_block)
+    model.mid_block.__class__ = type(attached.__name__, (attached,), {})
+    torch.testing.assert_close(call(model), toy_reference(model, SCHEDULE))
+    unpatch(model)
+    torch.testing.assert_close(call(model), plain)
+
+
 def test_the_timestep_module_called_alone_leaves_nothing_a_block_called_alone_uses(unet):
     """``unet.time_proj(t)`` outside a UNet call (to look at the embedding) writes a record no model
     frame owns; the mid-block called alone afterwards is the plain mid-block."""

@@ -242,6 +242,27 @@ def test_deepcopy_and_pickle_of_a_patched_transformer(family):
         torch.testing.assert_close(tt.run(model, kwargs), expected)  # the original keeps its own table
 
 
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_diffusers_block_hooks_find_the_metadata_of_patched_blocks(name):
+    """diffusers' first-block cache and layer skip (the skip-layer guiders) look each block up by its exact
+    class: a patched block's attached class has its class's entry. The cache at threshold 0 recomputes
+    every block, so it gives the patched output; skipping the span's last block runs."""
+    from diffusers.hooks import FirstBlockCacheConfig, LayerSkipConfig, apply_layer_skip
+
+    model = tt.build(name)
+    kwargs = tt.inputs(name, timesteps_for(name))
+    patch(model, BypassSchedule.constant(0.7))
+    expected = tt.run(model, kwargs)
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+    with model.cache_context("test"):
+        torch.testing.assert_close(tt.run(model, kwargs), expected)
+    model.disable_cache()
+    last = {module: n for n, module in model.named_modules()}[model._bypass.span.last]
+    stack, index = last.rsplit(".", 1)
+    apply_layer_skip(model, LayerSkipConfig(indices=[int(index)], fqn=stack, skip_attention=True, skip_ff=True))
+    assert torch.isfinite(tt.run(model, kwargs)).all()
+
+
 # --------------------------------------------------------------------- spans: names, presets, errors
 def test_span_by_block_names_and_one_index():
     model = tt.build("flux")
