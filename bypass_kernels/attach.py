@@ -412,10 +412,6 @@ def _new_marked(base: type, role: Role = Role()):
     return object.__new__(marker_class(base, role))
 
 
-def is_marked(module: nn.Module) -> bool:
-    return _attached_class_of(module) is not None
-
-
 def _attached_class_of(module: nn.Module) -> type | None:
     """The module's attached class, also under a parametrization class (torch.nn.utils.parametrize
     puts one above the module's class)."""
@@ -626,12 +622,6 @@ class BypassController:
             if cls.__dict__.get("_bypass_base") is base and cls.__dict__.get("_bypass_role") == role:
                 _set_class_below_parametrizations(module, base)  # (a class put over ours stays, roles gone)
         self._swapped = []
-
-    def roles_of(self, module: nn.Module) -> tuple:
-        """The role objects of this controller on ``module`` (for checks and tests)."""
-        roles = module.__dict__.get(_ROLES) or ()
-        hooks = (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
-        return tuple(r for r in (*roles, *hooks) if isinstance(r, _HOOKS) and r.controller is self)
 
 
 _HOOKS = (KeepTimestep, EnterSpan, LeaveSpan)  # KeepModelTimestep is a KeepTimestep
