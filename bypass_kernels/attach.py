@@ -580,9 +580,9 @@ class BypassController:
                     self._handles.append(carrier.register_forward_pre_hook(keep))
             enter, leave = EnterSpan(self), LeaveSpan(self)
             ends = ((first, enter, leave),) if first is last else ((first, enter, None), (last, None, leave))
+            # own_input: a span of one block and one stream, whose compiled case the attached forward writes out
+            role = Role("span", leave.compiled_key, leave.own_input, leave.input_name, leave.token)
             for block, pre, post in ends:
-                fast = pre is not None and post is not None and leave.own_input
-                role = Role("span", leave.compiled_key, fast, leave.input_name, leave.token)
                 if not self._attach_class(block, (pre, post), role):
                     if pre is not None:
                         self._handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
@@ -618,8 +618,8 @@ class BypassController:
             roles = module.__dict__.get(_ROLES)
             if roles is not None and any(r is not None and r.controller is self for r in roles):
                 del module.__dict__[_ROLES]
-            cls = parametrize.type_before_parametrizations(module)
-            if cls.__dict__.get("_bypass_base") is base and cls.__dict__.get("_bypass_role") == role:
+            cls = _attached_class_of(module)
+            if cls is not None and cls._bypass_base is base and cls._bypass_role == role:
                 _set_class_below_parametrizations(module, base)  # (a class put over ours stays, roles gone)
         self._swapped = []
 
