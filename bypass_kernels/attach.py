@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, is_grad_enabled, nn
 from torch.compiler import is_compiling
 from torch.nn.utils import parametrize
+from torch.utils.weak import WeakIdKeyDictionary
 
 from bypass_kernels.ops import _as_timestep, blend, blend_, blend_reference
 from bypass_kernels.schedule import BypassSchedule
@@ -160,8 +161,6 @@ class KeepTimestep:
                 timestep = timestep.float() * self.scale + self.offset
         calls = _CALLS.__dict__
         if is_compiling():
-            if is_grad_enabled():
-                self.controller.check_checkpointing()
             calls[self.compiled_key] = (timestep, None)
         else:
             self.controller.check_call()
@@ -213,7 +212,7 @@ class EnterSpan:
         if call is None:  # block i called on its own, outside a model call
             return
         timestep, frame = call[0], call[1]
-        if not is_compiling() and not (_on_stack(frame) if frame is not None else self.controller.owner_called()):
+        if not is_compiling() and not self.controller.live(call):
             del calls[key]  # left by a model call that raised before the span end, or by the carrier called alone
             return
         streams = tuple(kwargs[n] if n in kwargs else (args[p] if len(args) > p else None) for n, p in self.streams)
@@ -229,7 +228,17 @@ class LeaveSpan:
     """Block j's role, after its forward (called by it, or a hook): blends each stream of its output with
     the span's input. Returns the new output, or None where it blended in place."""
 
-    __slots__ = ("compiled_key", "controller", "input_name", "key", "outputs", "own_input", "single", "token")
+    __slots__ = (
+        "compiled_key",
+        "controller",
+        "input_name",
+        "key",
+        "outputs",
+        "own_input",
+        "several",
+        "single",
+        "token",
+    )
 
     def __init__(self, controller: BypassController):
         self.controller = controller
@@ -239,13 +248,19 @@ class LeaveSpan:
         self.outputs = tuple((s.output_index, s.blend) for s in controller.span.streams)
         self.own_input = _own_input(controller)
         self.input_name = controller.span.streams[0].name
+        self.several = controller.span.first is not controller.span.last  # a model call may stop inside the span
 
     def __call__(self, block, args, kwargs, output):
         calls = _CALLS.__dict__
         key, call = _find_record(calls, self)
-        if call is None:
-            return None
+        if call is None:  # block j called on its own, or recomputed for a checkpoint's backward (eager)
+            if is_compiling():
+                return None
+            kept = self.controller.kept_for_recompute(args[0] if args else kwargs.get(self.input_name))
+            return None if kept is None else self.blend(block, args, kwargs, output, *kept)
         del calls[key]  # the record ends as it began: absent (nothing for compiled code to write back)
+        if self.several and not is_compiling() and not self.controller.live(call):
+            return None  # left by a model call that stopped inside the span: not this call's
         if len(call) == 4:
             timestep, _, entered, versions = call
         elif self.own_input:  # the span start ran compiled and kept nothing
@@ -260,6 +275,14 @@ class LeaveSpan:
         if versions is not None:
             _check_unchanged(entered, versions)
         table = _override(calls, self.token) if _OPEN_OVERRIDES else None
+        if not is_compiling() and is_grad_enabled() and self.controller.checkpointing():
+            self.controller.keep_for_recompute(
+                args[0] if args else kwargs.get(self.input_name), timestep, entered, table
+            )
+        return self.blend(block, args, kwargs, output, timestep, entered, table)
+
+    def blend(self, block, args, kwargs, output, timestep, entered, table):
+        """Blend block j's ``output`` with the span's input ``entered`` at ``timestep``."""
         controller = self.controller  # read by compiled code only as an argument: no guard on it
         if self.single:
             return blend_stream(controller, block, output, entered[0], timestep, table)
@@ -464,6 +487,8 @@ class BypassController:
         self._handles: list = []
         self._swapped: list[tuple[nn.Module, type, Role]] = []  # (module, its base class, its role): picklable
         self._owner_codes = forward_codes(owner)
+        # block j's input tensor -> (timestep, span input, table) while checkpointing (see keep_for_recompute)
+        self._recompute = WeakIdKeyDictionary()
 
     # ----------------------------------------------------------------- tables
     @property
@@ -515,37 +540,48 @@ class BypassController:
     def check_pipeline(self) -> None:
         pipeline = self.pipeline
         if pipeline is not None:
-            check_scheduler_T(pipeline, self.schedule)
+            check_scheduler_T(pipeline, self.schedule, self.carrier)
 
     def check_call(self) -> None:
-        """Before an eager call: the pipeline's scheduler, and no gradient checkpointing of the span."""
-        self.check_checkpointing()
+        """Before an eager call: the pipeline's scheduler."""
         self.check_pipeline()
 
-    def check_checkpointing(self) -> None:
-        """A transformer checkpoints whole blocks, roles included, whenever gradients are on and its
-        ``gradient_checkpointing`` is set (in eval mode too): refused. (A UNet checkpoints inside its
-        mid-block, below the roles.) Compiled code checks it while tracing, where gradients are on."""
-        owner = self.owner
-        checkpointing = torch.is_grad_enabled() and getattr(owner, "gradient_checkpointing", False)
-        if checkpointing and not hasattr(owner, "mid_block"):
-            raise ValueError(
-                f"bypass_kernels: {type(owner).__name__} recomputes checkpointed blocks in the backward pass, "
-                "where the bypassed span cannot see its call's timestep; call model.disable_gradient_checkpointing() "
-                "(or run inference under torch.no_grad()), or unpatch this model"
-            )
+    # ----------------------------------------------------------------- gradient checkpointing
+    def checkpointing(self) -> bool:
+        """Whether the model checkpoints whole blocks, roles included (a transformer with
+        ``gradient_checkpointing`` set; a UNet checkpoints inside its mid-block, below the roles)."""
+        return getattr(self.owner, "gradient_checkpointing", False) is True and not hasattr(self.owner, "mid_block")
+
+    def keep_for_recompute(self, block_input, timestep, entered, table) -> None:
+        """Keep what block j blended with, under the tensor block j was called on: the backward pass
+        recomputes block j from that tensor, outside the model call, and must blend it the same way.
+        Kept while that tensor lives (the checkpoint holds it until its backward)."""
+        if isinstance(block_input, Tensor):
+            self._recompute[block_input] = (timestep, entered, table)
+
+    def kept_for_recompute(self, block_input) -> tuple | None:
+        """What :meth:`keep_for_recompute` kept for ``block_input``; None outside a recomputation."""
+        if not self._recompute or not isinstance(block_input, Tensor) or not is_grad_enabled():
+            return None
+        return self._recompute.get(block_input)
+
+    def live(self, call: tuple) -> bool:
+        """Whether the model call that wrote the record ``call`` is still under way (eager mode)."""
+        frame = call[1]
+        return _on_stack(frame) if frame is not None else self.owner_called()
 
     # Code objects and weak references cannot be copied or pickled: a copy finds its forward's code
     # again and has no pipeline (a copied pipeline links its copy again, see patching.PipelineLink).
     def __getstate__(self):
         state = self.__dict__.copy()
-        del state["_owner_codes"]
+        del state["_owner_codes"], state["_recompute"]
         state["_pipeline"] = None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._owner_codes = forward_codes(self.owner)
+        self._recompute = WeakIdKeyDictionary()
 
     def __repr__(self) -> str:
         return f"BypassController(schedule={self.schedule!r}, backend={self.backend!r})"
@@ -765,9 +801,11 @@ def _check_unchanged(entered: tuple, versions: tuple) -> None:
             )
 
 
-def check_scheduler_T(pipeline, schedule: BypassSchedule) -> None:
+def check_scheduler_T(pipeline, schedule: BypassSchedule, carrier: Carrier | None = None) -> None:
     """A pipeline whose scheduler has another ``num_train_timesteps`` than the table, or gives the
-    model continuous noise levels instead of timesteps (judged once per scheduler object): refused."""
+    model noise levels where the schedule is 0 at every step (judged once per scheduler object and
+    schedule), or whose timesteps cannot be told: refused. ``carrier``: how the model reads t (its scale
+    maps what a pipeline gives the model, where that is not the scheduler's timestep)."""
     T = scheduler_T(pipeline)
     if T is not None and schedule.num_train_timesteps != T:
         raise ValueError(
@@ -775,35 +813,47 @@ def check_scheduler_T(pipeline, schedule: BypassSchedule) -> None:
             f"has {T}; build it with num_train_timesteps={T} and call bypass_kernels.set_schedule(pipe, schedule)"
         )
     scheduler = getattr(pipeline, "scheduler", None)
-    if T is None or scheduler is None or schedule.max_strength == 0 or _judged(scheduler, schedule):
+    reads = (carrier.scale, carrier.offset) if carrier is not None else (1.0, 0.0)
+    if T is None or scheduler is None or schedule.max_strength == 0 or _judged(scheduler, (schedule, reads)):
         return
-    from bypass_kernels.steps import DISCRETE_SCHEDULERS, continuous_noise_levels, visited_timesteps
+    from bypass_kernels.steps import DISCRETE_SCHEDULERS, MODEL_TIMESTEP, continuous_noise_levels, model_timesteps
 
     try:
-        visited = visited_timesteps(scheduler, 10)
-    except ValueError:  # one that needs more than a step count (a flow-matching shift mu): not judged, once
-        visited = None
-    why = None if visited is None else continuous_noise_levels(visited, T, type(scheduler).__name__)
+        visited, name = model_timesteps(scheduler)
+    except ValueError as exc:  # not judged is not accepted: the bypass might never act
+        raise ValueError(
+            f"bypass_kernels: cannot tell which timesteps the pipeline's scheduler {type(scheduler).__name__} gives "
+            f"the model ({exc}), so whether {schedule!r} ever acts is unknown. Patch the model itself "
+            "(bypass_kernels.patch(pipe.unet) or patch(pipe.transformer)) to use it without this check"
+        ) from None
+    if name in MODEL_TIMESTEP:  # the model gets a function of the scheduler's t, read at the carrier's scale
+        visited = [reads[0] * t + reads[1] for t in visited]
+    why = continuous_noise_levels(visited, T, name)
     if why is not None and all(schedule.weight(t) == 0 for t in visited):
+        hint = " (or patch with timestep_scale=1000, which reads the table at 1000·t)" if name in MODEL_TIMESTEP else ""
         raise ValueError(
             f"bypass_kernels: the pipeline's scheduler {why}: {schedule!r} is 0 at every step, so the bypass "
             f"would never act. Use {DISCRETE_SCHEDULERS}, or a schedule that is not 0 at timestep 0 "
-            "(BypassSchedule.constant(0.3), say)"
+            f"(BypassSchedule.constant(0.3), say){hint}"
         )
     with contextlib.suppress(TypeError):  # an object that cannot be weakly referenced is judged on every call
-        _JUDGED_SCHEDULERS[scheduler] = schedule
+        _JUDGED_SCHEDULERS[scheduler] = (schedule, reads)
 
 
-# The schedule each scheduler was last judged with (a deep copy and set_timesteps each), while it lives
+# What each scheduler was last judged with: (schedule, the carrier's scale and offset), while it lives
 _JUDGED_SCHEDULERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _judged(scheduler, schedule: BypassSchedule) -> bool:
+def _judged(scheduler, judged_with: tuple) -> bool:
     try:
         judged = _JUDGED_SCHEDULERS.get(scheduler)
     except TypeError:
         return False
-    return judged is schedule or (judged is not None and judged == schedule)
+    return (
+        judged is not None
+        and judged[1] == judged_with[1]
+        and (judged[0] is judged_with[0] or judged[0] == judged_with[0])
+    )
 
 
 def scheduler_T(pipeline) -> int | None:

@@ -15,13 +15,15 @@ CUDA graphs see the new values), whatever moved the weights (``.to``, model/sequ
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import weakref
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from bypass_kernels import backends, targets
-from bypass_kernels.attach import BypassController, check_scheduler_T, owner_of, scheduler_T
+from bypass_kernels.attach import BypassController, Carrier, check_scheduler_T, owner_of, scheduler_T
 from bypass_kernels.schedule import BypassSchedule, default_schedule
 
 __all__ = ["BypassController", "get_schedule", "is_patched", "patch", "patched", "set_schedule", "unpatch"]
@@ -50,12 +52,55 @@ class PipelineLink:
 
 
 def _check_attachable(target: targets.Target) -> None:
-    for name, module in (("model", target.owner), *((f"block {type(m).__name__}", m) for m in target.span.modules)):
+    """Every module a role would sit on must be an eager module whose forward can carry it."""
+    modules = (("model", target.owner), *((f"block {type(m).__name__}", m) for m in target.span.modules))
+    if target.carrier.module is not None:
+        modules = (*modules, ("timestep module", target.carrier.module))
+    for name, module in modules:
         if isinstance(module, (torch.jit.ScriptModule, torch.fx.GraphModule)):
             raise TypeError(
                 f"bypass_kernels.patch: the {name} is a {type(module).__name__}, whose calls cannot be hooked; "
                 "patch the eager diffusers module, then script, trace or export it"
             )
+
+
+def _check_carrier(target: targets.Target) -> None:
+    """The timestep must be kept before the span starts: a carrier inside the span would be called after it."""
+    carrier = target.carrier.module
+    for block in target.span.modules if carrier is not None else ():
+        if any(carrier is m for m in block.modules()):
+            raise ValueError(
+                f"bypass_kernels.patch: the timestep module ({type(carrier).__name__}) is inside the bypassed span "
+                f"(block {type(block).__name__}), which starts before it runs; name a module the model calls with "
+                "the timestep before the span (a UNet's time_proj, a transformer's time embedder)"
+            )
+
+
+def _check_distinct(found: list[targets.Target]) -> None:
+    """Two models of one pipeline patched together may not share a module a role sits on (each would
+    attach its roles over the other's)."""
+    seen: dict[int, int] = {}
+    for k, target in enumerate(found):
+        for module in (target.owner, target.carrier.module, *target.span.modules):
+            if module is not None and seen.setdefault(id(module), k) != k:
+                raise ValueError(
+                    f"bypass_kernels.patch: {type(module).__name__} is shared by the pipeline's two models "
+                    "(transformer and transformer_2); patch one of them (bypass_kernels.patch(pipe.transformer)), "
+                    "or give each its own blocks"
+                )
+
+
+def _check_linkable(pipeline) -> None:
+    if pipeline is None:
+        return
+    try:
+        weakref.ref(pipeline)
+    except TypeError:
+        raise TypeError(
+            f"bypass_kernels.patch: {type(pipeline).__name__} cannot be weakly referenced (it defines __slots__ "
+            "without __weakref__), which the link between a pipeline and its patched model needs; patch its "
+            "model instead (bypass_kernels.patch(pipe.unet) or patch(pipe.transformer))"
+        ) from None
 
 
 def _check_span_shape(target: targets.Target) -> None:
@@ -86,7 +131,7 @@ def _model_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _as_schedule(schedule, pipeline) -> BypassSchedule:
+def _as_schedule(schedule, pipeline, carrier: Carrier | None = None) -> BypassSchedule:
     """A BypassSchedule from what ``patch``/``set_schedule`` were given: a schedule, a spec string
     as the command line takes it (``"linear:0.3:500"``), or a dict from ``to_dict()``."""
     T = scheduler_T(pipeline) or 1000
@@ -99,7 +144,7 @@ def _as_schedule(schedule, pipeline) -> BypassSchedule:
             "schedule: expected a BypassSchedule (e.g. BypassSchedule.linear(0.3, t_min=500)), a spec such as "
             f"'linear:0.3:500', or a dict from BypassSchedule.to_dict(); got {type(schedule).__name__}"
         )
-    check_scheduler_T(pipeline, schedule)
+    check_scheduler_T(pipeline, schedule, carrier)
     return schedule
 
 
@@ -157,7 +202,7 @@ def patch(
     *,
     backend: str = "auto",
     span=None,
-    streams: str = "all",
+    streams: str | None = None,
     timestep_module: str | None = None,
     timestep_scale: float | None = None,
 ):
@@ -174,7 +219,8 @@ def patch(
     index) over the blocks in execution order, a block name (``"single_transformer_blocks.3"``), a
     pair of names, or a preset name (``"sd3.5-slg"``, ``"stg"``); None is the family's default
     (this package's own choice: the middle 1/16 of the blocks). ``streams="all"`` blends every
-    stream the span returns (λ = 1 deletes the span), ``"image"`` the image stream only.
+    stream the span returns (λ = 1 deletes the span), ``"image"`` the image stream only; not given:
+    the present patch's streams, else ``"all"``.
 
     ``timestep_module``: the name of the submodule whose first argument is the call's timestep (for
     a model this package does not know; a UNet's ``time_proj``), read inside the model's forward,
@@ -186,47 +232,85 @@ def patch(
     error is a ``TypeError`` or ``ValueError`` naming the cause.
     """
     owners, pipeline = targets.models_of(model)
+    _check_linkable(pipeline)
     found = [
         targets.resolve(
             owner,
             pipeline,
             span=_span_kept(owner, span),
-            streams=streams,
+            streams=_streams_kept(owner, streams),
             timestep_module=timestep_module,
             timestep_scale=timestep_scale,
         )
         for owner in owners
     ]
-    schedule = _as_schedule(schedule, pipeline)
-    explicit = span is not None or streams != "all" or timestep_module is not None or timestep_scale is not None
+    schedule = _as_schedule(schedule, pipeline, found[0].carrier)
+    # an argument the caller gave, whatever its value, asks for that attachment
+    explicit = span is not None or streams is not None or timestep_module is not None or timestep_scale is not None
     for target in found:
         _check_attachable(target)
+        _check_carrier(target)
         _check_span_shape(target)
         device = _model_device(target.owner)
         backends.require(backend, device.type if device.type != "meta" else None)
         _refuse_shared(target, _controller(target.owner))
         if _ATTR in target.owner.__dict__ and not isinstance(target.owner.__dict__[_ATTR], BypassController):
             raise ValueError(f"bypass_kernels.patch: {type(target.owner).__name__} already has an attribute {_ATTR!r}")
-    attached = []
+    _check_distinct(found)
+    # Checked: now change, undoing every change on a failure (all or nothing, over every model of a pipeline)
+    undo: list[Callable[[], None]] = []
+    controllers = []
     try:
         for target in found:
             controller = _controller(target.owner)
             if controller is not None and explicit and _attachment(controller) != _attachment(target):
-                unpatch(target.owner)  # asked for another span or timestep: attach anew
+                _detach(target.owner)  # asked for another span or timestep: attach anew
+                undo.append(functools.partial(_reattach, target.owner, controller))
                 controller = None
             if controller is None:
                 controller = _attach(target, schedule, backend)
-                attached.append(target.owner)
+                undo.append(functools.partial(unpatch, target.owner))
             else:
-                controller.write(schedule)
-                controller.backend = backend
-            if pipeline is not None:
-                _link(controller, pipeline)
+                undo.append(functools.partial(_rewrite, controller, controller.schedule, controller.backend))
+                _rewrite(controller, schedule, backend)
+            controllers.append(controller)
     except Exception:
-        for owner in attached:
-            unpatch(owner)
+        for action in reversed(undo):
+            action()
         raise
+    if pipeline is not None:
+        for controller in controllers:
+            _link(controller, pipeline)
     return model
+
+
+def _rewrite(controller: BypassController, schedule: BypassSchedule, backend: str) -> None:
+    controller.write(schedule)
+    controller.backend = backend
+
+
+def _detach(owner: nn.Module) -> None:
+    controller = owner.__dict__.pop(_ATTR)
+    controller.remove()
+    _unlink(controller.pipeline)
+
+
+def _reattach(owner: nn.Module, controller: BypassController) -> None:
+    """Put back a controller :func:`_detach` took off (a patch that failed after it)."""
+    controller.install()
+    owner.__dict__[_ATTR] = controller
+    if controller.pipeline is not None:
+        _link(controller, controller.pipeline)
+
+
+def _streams_kept(owner: nn.Module, streams: str | None) -> str:
+    """``streams``, or where none is given, the present patch's (a model not patched: ``"all"``)."""
+    if streams is not None:
+        return streams
+    controller = _controller(owner)
+    if controller is not None and not all(s.blend for s in controller.span.streams):
+        return "image"
+    return "all"
 
 
 def _attachment(x) -> tuple:
@@ -272,11 +356,8 @@ def unpatch(model):
     a second call does nothing. Compiled models recompile on their next call. Returns ``model``."""
     owners, pipeline = targets.models_of(model, "unpatch")
     for owner in owners:
-        controller = owner.__dict__.get(_ATTR)
-        if isinstance(controller, BypassController):
-            controller.remove()
-            del owner.__dict__[_ATTR]
-            _unlink(controller.pipeline)
+        if isinstance(owner.__dict__.get(_ATTR), BypassController):
+            _detach(owner)
     _unlink(pipeline)
     return model
 
@@ -297,7 +378,8 @@ def set_schedule(model, schedule: BypassSchedule | str | dict):
     if not controllers:
         raise ValueError("set_schedule: the model is not patched; call bypass_kernels.patch(model, schedule) first")
     _, pipeline = targets.models_of(model, "set_schedule")
-    schedule = _as_schedule(schedule, pipeline if pipeline is not None else controllers[0].pipeline)
+    pipeline = pipeline if pipeline is not None else controllers[0].pipeline
+    schedule = _as_schedule(schedule, pipeline, controllers[0].carrier)
     for controller in controllers:
         if schedule.num_train_timesteps != controller.table.shape[0]:
             raise ValueError(
@@ -315,10 +397,10 @@ def patched(model, schedule: BypassSchedule | str | dict | None = None, *, backe
     ``where``: ``span``, ``streams``, ``timestep_module``, ``timestep_scale`` as :func:`patch` takes them."""
     before = _controller(model)
     previous = (before.schedule, before.backend) if before is not None else None
-    if previous is not None and any(v is not None and v != "all" for v in where.values()):
+    if previous is not None and any(v is not None for v in where.values()):
         raise ValueError(
-            "patched: the model is already patched; a span or timestep for the block would replace its attachment "
-            "for good. Use patched(model, schedule) on it, or unpatch it first"
+            "patched: the model is already patched; a span, streams or timestep for the block would replace its "
+            "attachment for good. Use patched(model, schedule) on it, or unpatch it first"
         )
     patch(model, schedule, backend=backend, **where)
     try:

@@ -332,7 +332,13 @@ class BypassSchedule:
         return spec.from_dict(cls, data)
 
     @classmethod
-    def parse(cls, text: str | Mapping[str, Any] | BypassSchedule | None, *, num_train_timesteps: int = 1000):
+    def parse(
+        cls,
+        text: str | Mapping[str, Any] | BypassSchedule | None,
+        *,
+        num_train_timesteps: int = 1000,
+        files: bool = True,
+    ):
         """A schedule from a command-line spec.
 
         Accepts ``"default"``, ``"off"``, ``"SHAPE:STRENGTH[:T_MIN[:T_MAX]]"`` (e.g. ``linear:0.3:500``),
@@ -340,8 +346,9 @@ class BypassSchedule:
         with its default config and ``num_train_timesteps``), a JSON object as text, or the path of a
         JSON file written from :meth:`to_dict` (a ``for_scheduler`` record may leave out
         ``timesteps``; its ``scheduler`` is then a class name or a config with ``_class_name``).
+        ``files=False``: a text is never opened as a file (for schedules from untrusted places).
         """
-        return spec.parse(cls, text, num_train_timesteps)
+        return spec.parse(cls, text, num_train_timesteps, files)
 
     # ----------------------------------------------------------------- dunder
     def __eq__(self, other: object) -> bool:

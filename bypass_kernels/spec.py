@@ -93,8 +93,8 @@ def _for_scheduler(cls, data: Mapping[str, Any], default_T: int):
     return cls._for_visits(name, timesteps, N, s, a, b, ramp, T, mu=mu, sigmas=sigmas)
 
 
-def parse(cls, spec, num_train_timesteps: int):
-    """A schedule from a command-line spec (see :meth:`BypassSchedule.parse`)."""
+def parse(cls, spec, num_train_timesteps: int, files: bool = True):
+    """A schedule from a command-line spec (see :meth:`BypassSchedule.parse`); ``files=False`` reads no file."""
     from bypass_kernels.schedule import default_schedule
 
     if spec is None or isinstance(spec, cls):
@@ -110,7 +110,7 @@ def parse(cls, spec, num_train_timesteps: int):
         return cls.constant(0.0, num_train_timesteps=num_train_timesteps)
     if text.startswith("{"):
         return from_dict(cls, json_object(text, "schedule spec"), num_train_timesteps)
-    if text.endswith(".json") or os.path.isfile(text):
+    if files and (text.endswith(".json") or os.path.isfile(text)):
         try:
             with open(text, encoding="utf-8") as f:
                 content = f.read()
@@ -122,8 +122,9 @@ def parse(cls, spec, num_train_timesteps: int):
         return _parse_for_scheduler(cls, spec, parts[1:], num_train_timesteps)
     if parts[0] not in ("constant", "linear", "cosine") or not 2 <= len(parts) <= 4:
         raise ValueError(
-            f"schedule spec {spec!r}: expected 'default', 'off', 'constant|linear|cosine:STRENGTH[:T_MIN[:T_MAX]]',"
-            " a JSON object or a JSON file"
+            f"schedule spec {spec!r}: expected 'default', 'off', 'constant|linear|cosine:STRENGTH[:T_MIN[:T_MAX]]', "
+            "'for_scheduler:SCHEDULER:STEPS:STRENGTH[:START[:END[:SHAPE]]]', a JSON object"
+            + (" or a JSON file" if files else "")
         )
     try:
         numbers_ = [float(parts[1])] + [int(p) for p in parts[2:]]

@@ -12,6 +12,7 @@ reads its own step's λ.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -42,9 +43,27 @@ def check_scheduler(scheduler: Any) -> tuple[int, str]:
     return T, type(scheduler).__name__
 
 
+def fresh_copy(scheduler: Any) -> Any:
+    """A scheduler built from ``scheduler``'s config alone, to call ``set_timesteps`` on without touching
+    the one a pipeline holds. Not a deep copy: that would copy what this package does not own (an
+    engine's wrapper whose ``__getattr__`` forwards to the scheduler recursed through it for minutes).
+    ``scheduler.from_config`` is found on the instance, so a forwarding wrapper gives its scheduler's."""
+    from_config = getattr(scheduler, "from_config", None)
+    if callable(from_config):
+        with contextlib.suppress(Exception):  # a from_config of another signature: the copy below
+            return from_config(scheduler.config)
+    return copy.deepcopy(scheduler)
+
+
+def scheduler_name(scheduler: Any) -> str:
+    """The scheduler's class name; a forwarding wrapper's scheduler's (its ``from_config`` is bound to that class)."""
+    cls = getattr(getattr(scheduler, "from_config", None), "__self__", None)
+    return cls.__name__ if isinstance(cls, type) else type(scheduler).__name__
+
+
 def visited_timesteps(scheduler: Any, N: int, *, mu: float | None = None, sigmas=None) -> list[float]:
-    """``scheduler.timesteps`` after ``set_timesteps(N[, mu=…][, sigmas=…])``, on a deep copy."""
-    work = copy.deepcopy(scheduler)
+    """``scheduler.timesteps`` after ``set_timesteps(N[, mu=…][, sigmas=…])``, on a fresh copy."""
+    work = fresh_copy(scheduler)
     kwargs: dict[str, Any] = {"device": "cpu"}
     if mu is not None:
         kwargs["mu"] = mu
@@ -72,6 +91,30 @@ def visited_timesteps(scheduler: Any, N: int, *, mu: float | None = None, sigmas
         if not math.isfinite(t):
             raise ValueError(f"scheduler.timesteps[{i}]: expected a finite timestep, got {t!r}")
     return timesteps
+
+
+# Schedulers whose pipelines give the model a function of the scheduler's timestep (SanaSprintPipeline:
+# SCMScheduler's angle t becomes sin t / (sin t + cos t) in [0, 1]), by class name
+MODEL_TIMESTEP = {"SCMScheduler": lambda t: math.sin(t) / (math.sin(t) + math.cos(t))}
+# The step counts (and a flow-matching shift mu) tried until a scheduler gives its timesteps
+_PROBES: tuple[tuple[int, float | None], ...] = ((10, None), (10, 0.0), (2, None), (1, None))
+
+
+def model_timesteps(scheduler: Any) -> tuple[list[float], str]:
+    """(the timesteps a pipeline running ``scheduler`` gives its model, the scheduler's class name), from
+    the first of a few step counts its ``set_timesteps`` accepts (SCMScheduler takes 2; a scheduler that
+    shifts by image size gets mu = 0). ValueError names each failure where none works."""
+    failures = []
+    for N, mu in _PROBES:
+        try:
+            visited = visited_timesteps(scheduler, N, mu=mu)
+        except ValueError as exc:
+            failures.append(str(exc))
+            continue
+        name = scheduler_name(scheduler)
+        to_model = MODEL_TIMESTEP.get(name)
+        return ([to_model(t) for t in visited] if to_model else visited), name
+    raise ValueError("; ".join(dict.fromkeys(failures)))
 
 
 DISCRETE_SCHEDULERS = "a scheduler with discrete timesteps (DDIM, DPMSolverMultistep, Euler, UniPC...)"

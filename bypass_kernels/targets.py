@@ -113,15 +113,16 @@ class Target:
 # --------------------------------------------------------------------- finding the model
 def models_of(model, caller: str = "patch") -> tuple[list[nn.Module], object | None]:
     """([the model(s) to patch], the pipeline they came from or None). A pipeline gives its ``unet``
-    or ``transformer`` (and ``transformer_2``, Wan 2.2's second expert, when it has one)."""
+    or its ``transformer`` and ``transformer_2`` (Wan 2.2's second expert), whichever of them is set."""
     pipeline = None
     found = [model]
     if not isinstance(model, nn.Module):
+        experts = (getattr(model, "transformer", None), getattr(model, "transformer_2", None))
+        transformers = [m for m in experts if m is not None]
         if getattr(model, "unet", None) is not None:
             pipeline, found = model, [model.unet]
-        elif getattr(model, "transformer", None) is not None:
-            pipeline = model
-            found = [m for m in (model.transformer, getattr(model, "transformer_2", None)) if m is not None]
+        elif transformers:  # either may be None (Wan 2.2 pipelines load with transformer=None)
+            pipeline, found = model, transformers
     found = [getattr(m, "_orig_mod", m) for m in found]  # a torch.compile'd module: patch the original
     for m in found:
         if not isinstance(m, nn.Module) or not (hasattr(m, "mid_block") or _family(m) is not None):
@@ -163,8 +164,15 @@ def resolve(
     span. ``streams``: ``"all"`` blends every stream a block returns, ``"image"`` the image stream only."""
     if streams not in ("all", "image"):
         raise ValueError(f"bypass_kernels.{caller}: streams must be 'all' or 'image', got {streams!r}")
-    if timestep_scale is not None and (not isinstance(timestep_scale, (int, float)) or not timestep_scale > 0):
-        raise ValueError(f"bypass_kernels.{caller}: timestep_scale must be a positive number, got {timestep_scale!r}")
+    if timestep_scale is not None and (
+        isinstance(timestep_scale, bool)
+        or not isinstance(timestep_scale, (int, float))
+        or not 0 < timestep_scale < math.inf
+    ):
+        raise ValueError(
+            f"bypass_kernels.{caller}: timestep_scale must be a finite positive number (table units per unit the "
+            f"timestep module receives, e.g. 1000.0 for a model given sigma in [0, 1]), got {timestep_scale!r}"
+        )
     family = _family(owner)
     if family is not None:
         target_span = _transformer_span(owner, family, span, streams, caller)

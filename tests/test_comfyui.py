@@ -372,3 +372,24 @@ def test_the_schedule_input_reads_no_files(comfy, sd15, text):
     """A shared workflow must not read or probe files on the machine that runs it."""
     with pytest.raises(ValueError, match="reads no files"):
         node(sd15[0], 0.3, schedule=text)
+
+
+@pytest.mark.parametrize("text", ["linear:x.json", "constant:0.3:x.json"])
+def test_an_inline_spec_naming_a_file_is_not_opened(comfy, sd15, tmp_path, monkeypatch, text):
+    """``linear:x.json`` passed the node's inline-spec filter and was opened as a file in ComfyUI's working
+    folder (a present file and a missing one gave different errors)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as missing:
+        node(sd15[0], 0.3, schedule=text)
+    (tmp_path / text).write_text('{"shape": "constant", "strength": 0.5}')
+    with pytest.raises(ValueError) as present:
+        node(sd15[0], 0.3, schedule=text)
+    assert str(present.value) == str(missing.value) and "cannot read" not in str(present.value)
+
+
+def test_a_schedule_for_another_number_of_timesteps_is_refused(comfy, sd15):
+    """A JSON schedule with num_train_timesteps 100 on a 1000-timestep model read its table at clamp(t, 0, 99)."""
+    model, cond, latent = sd15
+    text = '{"shape": "constant", "strength": 0.5, "t_min": 50, "num_train_timesteps": 100}'
+    with pytest.raises(ValueError, match="built for num_train_timesteps=100, but this model has 1000"):
+        cb.sample(node(model, 0.3, schedule=text), cond, latent)

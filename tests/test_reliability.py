@@ -236,25 +236,17 @@ def test_class_names_seen_by_diffusers_do_not_change():
 
 # --------------------------------------------------------------------- schedulers and user errors
 def test_a_swapped_scheduler_with_another_T_is_refused_at_the_next_call():
-    class Config:
-        num_train_timesteps = 1000
-
-    class Scheduler:
-        config = Config()
+    from diffusers import DDIMScheduler
 
     class Pipe:
         pass
 
     pipe = Pipe()
     pipe.unet = Toy()
-    pipe.scheduler = Scheduler()
+    pipe.scheduler = DDIMScheduler()
     patch(pipe, SCHEDULE)
     call(pipe.unet)
-
-    class Short:
-        num_train_timesteps = 500
-
-    pipe.scheduler = type("S", (), {"config": Short()})()
+    pipe.scheduler = DDIMScheduler(num_train_timesteps=500)
     with pytest.raises(ValueError, match="num_train_timesteps=500"):
         call(pipe.unet)
 

@@ -232,3 +232,86 @@ def test_for_pipeline_warns_only_for_a_pipeline_that_sets_sigmas_it_does_not_kno
         schedule = BypassSchedule.for_pipeline(pipe, 4, 0.5)
     scheduler.set_timesteps(4)
     assert schedule.to_dict()["timesteps"] == pytest.approx(scheduler.timesteps.tolist())
+
+
+def sana_sprint():
+    """SanaSprintPipeline with a tiny Sana transformer and its SCMScheduler (2 steps), latents out."""
+    import diffusers
+    import tiny_transformers as tt
+
+    transformer = tt.build("sana", guidance_embeds=True)
+    pipe = diffusers.SanaSprintPipeline(
+        tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=diffusers.SCMScheduler()
+    )
+
+    def generate():
+        embeds = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(1))
+        return pipe(
+            prompt_embeds=embeds,
+            prompt_attention_mask=torch.ones(1, 5),
+            num_inference_steps=2,
+            height=256,
+            width=256,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            use_resolution_binning=False,
+        ).images
+
+    return pipe, generate
+
+
+def test_sana_sprint_refuses_a_schedule_that_would_never_act_and_acts_at_timestep_scale_1000():
+    """SCMScheduler gives the model sin t / (sin t + cos t) in [0, 1): table index 0 or 1. Its
+    set_timesteps(10) failed, the check took that for "not judged" and accepted the default schedule,
+    and every call was bit-identical to the unpatched one."""
+    pipe, generate = sana_sprint()
+    plain = generate()
+    with pytest.raises(ValueError, match=r"SCMScheduler gives the model timesteps from 0 to 1.*timestep_scale=1000"):
+        patch(pipe)
+    assert not bypass_kernels.is_patched(pipe)
+    patch(pipe, timestep_scale=1000)  # the table read at 1000·t: the default schedule's λ at t = 1000 and 783
+    assert not torch.allclose(generate(), plain, atol=1e-4)
+    patch(pipe, BypassSchedule.constant(0.0), timestep_scale=1000)
+    assert torch.equal(generate(), plain)
+    unpatch(pipe)
+    patch(pipe, BypassSchedule.constant(0.5))  # not 0 at index 0 or 1: it acts, and is accepted
+    assert not torch.allclose(generate(), plain, atol=1e-4)
+    unpatch(pipe)
+
+
+class Forwarding:
+    """A scheduler wrapped the way serving engines wrap one (xDiT's): attributes through __getattr__."""
+
+    def __init__(self, scheduler):
+        self.module = scheduler
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+def test_a_scheduler_behind_a_forwarding_wrapper_is_judged_without_copying_the_wrapper():
+    """The check deep-copied the scheduler; a deep copy of a forwarding wrapper recursed through its
+    __getattr__ (xDiT's hung). It now builds a scheduler from the config, of the wrapped class."""
+    pipe, _ = sana_sprint()
+    pipe.scheduler = Forwarding(pipe.scheduler)
+    with pytest.raises(ValueError, match="SCMScheduler gives the model timesteps from 0 to 1"):
+        patch(pipe)
+    patch(pipe, BypassSchedule.constant(0.5))
+    unpatch(pipe)
+
+
+def test_a_scheduler_whose_timesteps_cannot_be_told_is_refused_not_accepted():
+    from diffusers import DDIMScheduler
+
+    class Unknowable(DDIMScheduler):
+        def set_timesteps(self, *args, **kwargs):
+            raise NotImplementedError("needs a reference image")
+
+    pipe, _ = sana_sprint()
+    pipe.scheduler = Unknowable()
+    with pytest.raises(ValueError, match=r"cannot tell which timesteps.*needs a reference image.*patch\(pipe"):
+        patch(pipe)
+    patch(pipe, BypassSchedule.constant(0.0))  # nothing to judge where λ is 0 everywhere
+    unpatch(pipe)
+    patch(pipe.transformer)  # the model alone: no scheduler, no check
+    unpatch(pipe)

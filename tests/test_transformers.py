@@ -460,31 +460,3 @@ def test_patching_again_without_a_span_keeps_the_present_span():
     patch(model, BypassSchedule.constant(0.5))
     assert model._bypass.span.first is model.transformer_blocks[0]
     unpatch(model)
-
-
-def test_gradient_checkpointing_of_a_patched_transformer_is_refused_with_what_to_do():
-    """Checkpointed DiT blocks are recomputed, hooks included, after the call ended: the span would
-    not blend on recompute (torch raised a CheckpointError in backward). The call says what to do."""
-    model = tt.build("wan").train()
-    patch(model, BypassSchedule.constant(0.5))
-    model.enable_gradient_checkpointing()
-    with pytest.raises(ValueError, match="disable_gradient_checkpointing"):
-        model(**tt.inputs("wan", [700.0, 300.0]), return_dict=False)
-    # diffusers checkpoints whenever gradients are on, in eval mode too (it raised a CheckpointError in
-    # backward); and a compiled call, which never ran the eager check, blended nothing without a word
-    model.eval()
-    with pytest.raises(ValueError, match="disable_gradient_checkpointing"):
-        model(**tt.inputs("wan", [700.0, 300.0]), return_dict=False)
-    for backend in ("eager", "aot_eager"):
-        torch._dynamo.reset()
-        with pytest.raises(ValueError, match="disable_gradient_checkpointing"):
-            torch.compile(model, backend=backend)(**tt.inputs("wan", [700.0, 300.0]), return_dict=False)
-    torch._dynamo.reset()
-    with torch.no_grad():  # inference: nothing is recomputed, the blend holds
-        model(**tt.inputs("wan", [700.0, 300.0]), return_dict=False)
-    model.train()
-    model.disable_gradient_checkpointing()
-    out = model(**tt.inputs("wan", [700.0, 300.0]), return_dict=False)[0]
-    out.sum().backward()  # without checkpointing: gradients through the blend
-    assert all(p.grad is not None for p in model.blocks[0].parameters() if p.requires_grad)
-    unpatch(model)

@@ -114,6 +114,14 @@ class Plan:
             # ComfyUI builds its model-sampling classes on the fly (ModelSampling(s, c), ModelSamplingAdvanced):
             # the class it names is a base
             kinds = {cls.__name__ for cls in type(sampling).__mro__}
+            T = _timesteps_of(sampling, kinds)
+            built = self.schedule.num_train_timesteps
+            if T is not None and built != T:
+                raise ValueError(
+                    f"Mid-Block Bypass: the schedule is built for num_train_timesteps={built}, but this model has {T} "
+                    f"timesteps, so its table would be read at the wrong places; give the schedule "
+                    f"num_train_timesteps={T} (or leave it out)"
+                )
             t = sampling.timestep(sigma).float()
             if "ModelSamplingFlux" in kinds:
                 t = t * 1000.0  # Flux's model sampling gives σ itself; the model scales by 1000 inside
@@ -135,6 +143,18 @@ class Plan:
         steps = max(1, sigmas.numel() - 1)
         index = (sigmas[:steps].reshape(1, -1) - sigma.float().reshape(-1, 1)).abs().argmin(dim=1)  # nearest step
         return step_lambdas(shape, strength, start, end, steps, sigma.device), index.float()
+
+
+def _timesteps_of(sampling, kinds: set[str]) -> int | None:
+    """How many training timesteps the table of a model with this model sampling spans (its ``timestep(σ)``
+    in table units): None where its timestep is a continuous noise level."""
+    if "ModelSamplingFlux" in kinds:
+        return 1000  # σ · 1000 (see for_call)
+    if "ModelSamplingDiscreteFlow" in kinds:
+        return round(getattr(sampling, "multiplier", 1000))
+    if "ModelSamplingDiscrete" in kinds:
+        return getattr(sampling, "num_timesteps", None)
+    return None
 
 
 def bypass_model(model, plan: Plan, *, span: str = "", streams: str = "all"):

@@ -60,7 +60,7 @@ def plan(strength: float, shape: str, window: str, start: float, end: float, sch
                 f"schedule: expected a spec such as linear:0.3:500, default, off or a JSON object (the node reads "
                 f"no files), got {text[:60]!r}"
             )
-        return Plan(BypassSchedule.parse(text), None)
+        return Plan(BypassSchedule.parse(text, files=False), None)
     if window not in WINDOWS:
         raise ValueError(f"window: expected one of {', '.join(WINDOWS)}, got {window!r}")
     if shape not in ("linear", "cosine", "constant"):
