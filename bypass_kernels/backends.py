@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from bypass_kernels import _native
-from bypass_kernels.torch_blend import blend_reference, blend_torch_eager_, flat_layout_ok
+from bypass_kernels.torch_blend import blend_reference, blend_torch_eager_, flat_layout_ok, per_sample_weights
 
 _triton_state: dict = {}
 
@@ -110,7 +110,8 @@ def _native_kernel(mid_out, mid_in, table, timestep):
 
 def _triton_kernel(mid_out, mid_in, table, timestep):
     t = timestep if timestep.dtype in triton_timestep_dtypes() else timestep.to(torch.float32)
-    if mid_out.dtype in triton_kernel_dtypes() and flat_layout_ok(mid_out, mid_in, t):
+    flat = flat_layout_ok(mid_out, mid_in, per_sample_weights(table, t))
+    if mid_out.dtype in triton_kernel_dtypes() and flat and table.stride(-1) == 1:
         triton_op()(mid_out, mid_in, table, t)
         return mid_out
     # Any other dtype or strides: the right answer, written into the caller's tensor.

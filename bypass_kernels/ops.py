@@ -47,8 +47,16 @@ def _check(mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, tim
         raise ValueError("mid_out: expected a tensor with a batch dimension")
     if mid_in.device != mid_out.device:
         raise ValueError(f"mid_out and mid_in must be on one device, got {mid_out.device} and {mid_in.device}")
-    if not isinstance(table, torch.Tensor) or table.dim() != 1 or table.dtype != torch.float32 or table.numel() < 1:
-        raise TypeError("table: expected a 1-D float32 tensor (BypassSchedule.table())")
+    if not isinstance(table, torch.Tensor) or table.dim() not in (1, 2) or table.dtype != torch.float32:
+        raise TypeError(
+            "table: expected a float32 tensor, 1-D [T] (BypassSchedule.table()) or 2-D [rows, T] with a row per "
+            "sample (BypassSchedule.stack)"
+        )
+    if table.shape[-1] < 1 or (table.dim() == 2 and table.shape[0] not in (1, mid_out.shape[0])):
+        raise ValueError(
+            f"table: expected [T] or [rows, T] with rows 1 or the batch ({mid_out.shape[0]}) and T >= 1, "
+            f"got shape {tuple(table.shape)}"
+        )
     if table.device != mid_out.device:
         raise ValueError(f"table must be on {mid_out.device}, got {table.device}")
     n = timestep.numel()
@@ -90,7 +98,8 @@ def blend_(
 ) -> torch.Tensor:
     """Blend in place: ``mid_out <- (1 - λ)·mid_out + λ·mid_in``; returns ``mid_out``.
 
-    λ = ``table[clamp(round_half_to_even(float32(t)), 0, T - 1)]`` per sample; ``timestep`` is a
+    λ = ``table[clamp(round_half_to_even(float32(t)), 0, T - 1)]`` per sample; ``table`` is [T], or
+    [rows, T] with a row per sample (sample b reads row b; rows 1 or the batch); ``timestep`` is a
     number, a 0-d or [1] tensor (one λ for the batch) or a [batch] tensor (one λ per sample). A NaN
     timestep reads index 0 (every backend, compiled graphs and exported graphs alike). Arithmetic
     is float32; the result is stored in ``mid_out``'s dtype. ``mid_in`` may be ``mid_out`` itself

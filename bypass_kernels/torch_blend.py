@@ -22,9 +22,16 @@ def timestep_index_tensor(timestep: torch.Tensor, num_train_timesteps: int) -> t
 
 
 def timestep_weights(table: torch.Tensor, timestep: torch.Tensor, ndim: int) -> torch.Tensor:
-    """λ per sample as a float32 tensor of shape [n, 1, ..., 1] (n = 1 or batch), ready to broadcast."""
-    index = timestep_index_tensor(timestep, table.shape[0])
-    return table.index_select(0, index).reshape(-1, *([1] * (ndim - 1)))  # ONNX: Gather
+    """λ per sample as a float32 tensor of shape [n, 1, ..., 1] (n = 1 or batch), ready to broadcast.
+    ``table``: [T], one schedule for every sample, or [rows, T], sample b reading row b (rows = batch)."""
+    if table.dim() == 2 and table.shape[0] == 1:  # one row: the 1-D case
+        table = table.reshape(-1)
+    index = timestep_index_tensor(timestep, table.shape[-1])
+    if table.dim() == 1:
+        lam = table.index_select(0, index)  # ONNX: Gather
+    else:  # row b at its own index (one timestep for all rows, or one per row); ONNX: Expand, GatherElements
+        lam = table.gather(1, index.reshape(-1, 1).expand(table.shape[0], 1))
+    return lam.reshape(-1, *([1] * (ndim - 1)))
 
 
 def blend_reference(
@@ -46,15 +53,21 @@ def blend_torch_eager_(mid_out, mid_in, table, timestep) -> torch.Tensor:
     return mid_out.copy_(out32.add_(mid_in.to(torch.float32).mul_(lam)))
 
 
-def flat_layout_ok(mid_out: torch.Tensor, mid_in: torch.Tensor, timestep: torch.Tensor) -> bool:
+def per_sample_weights(table: torch.Tensor, timestep: torch.Tensor) -> bool:
+    """Whether samples may take different λ: a timestep per sample, or a table row per sample."""
+    return timestep.numel() > 1 or (table.dim() == 2 and table.shape[0] > 1)
+
+
+def flat_layout_ok(mid_out: torch.Tensor, mid_in: torch.Tensor, per_sample: bool) -> bool:
     """Same rule as the C++ ``flat_layout_ok``: one flat pass over memory gives the right answer.
-    Strides of size-1 dimensions never address memory, so only the others must agree."""
+    Strides of size-1 dimensions never address memory, so only the others must agree. ``per_sample``:
+    samples may take different λ (:func:`per_sample_weights`), so each must be one chunk of memory."""
     if not _non_overlapping_and_dense(mid_out) or not _non_overlapping_and_dense(mid_in):
         return False
     if any(n != 1 and a != b for n, a, b in zip(mid_out.shape, mid_out.stride(), mid_in.stride(), strict=True)):
         return False
     batch = mid_out.shape[0]
-    if timestep.numel() == 1 or batch == 1 or mid_out.numel() == 0:
+    if not per_sample or batch == 1 or mid_out.numel() == 0:
         return True
     return mid_out.stride(0) == mid_out.numel() // batch
 

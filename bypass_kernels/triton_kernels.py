@@ -58,11 +58,12 @@ def blend_kernel(
     in_ptr,
     table_ptr,
     T,
+    row_stride,  # elements between two samples' table rows; 0: every sample reads one row
     timestep_ptr,
-    ts_stride,
+    ts_stride,  # 0: every sample reads one timestep
     per_sample,
     numel,
-    PER_SAMPLE: tl.constexpr,  # one timestep per sample (else one for all)
+    PER_SAMPLE: tl.constexpr,  # a timestep or a table row per sample (else one weight for all)
     BLOCK_IN_SAMPLE: tl.constexpr,  # BLOCK divides per_sample: one weight per program
     BLOCK: tl.constexpr,
     ROUNDED_PRODUCTS: tl.constexpr,  # PTX mul.rn products (compiled kernels; the interpreter has no PTX)
@@ -71,10 +72,11 @@ def blend_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     if PER_SAMPLE:
-        if BLOCK_IN_SAMPLE:
-            w = _sample_weight(table_ptr, T, timestep_ptr, ((pid * BLOCK) // per_sample) * ts_stride)
+        if BLOCK_IN_SAMPLE:  # noqa: SIM108 (a scalar or a block of indices, chosen at compile time)
+            sample = (pid * BLOCK) // per_sample
         else:
-            w = _sample_weight(table_ptr, T, timestep_ptr, (offs // per_sample) * ts_stride)
+            sample = offs // per_sample
+        w = _sample_weight(table_ptr + sample * row_stride, T, timestep_ptr, sample * ts_stride)
     else:
         w = _sample_weight(table_ptr, T, timestep_ptr, 0)
     m = tl.load(out_ptr + offs, mask=mask).to(tl.float32)
@@ -88,19 +90,22 @@ def _launch(run, mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tenso
     if numel == 0:
         return
     t = timestep.reshape(-1)
-    per_sample = numel // mid_out.shape[0] if t.numel() > 1 else numel
+    rows = table.shape[0] if table.dim() == 2 else 1
+    per_sample_weights = t.numel() > 1 or rows > 1
+    per_sample = numel // mid_out.shape[0] if per_sample_weights else numel
     block = 4096 if numel >= (1 << 22) else 1024
     grid = (triton.cdiv(numel, block),)
     run(blend_kernel)[grid](
         mid_out,
         mid_in,
         table,
-        table.numel(),
+        table.shape[-1],
+        table.stride(0) if rows > 1 else 0,
         t,
-        t.stride(0),
+        t.stride(0) if t.numel() > 1 else 0,
         per_sample,
         numel,
-        PER_SAMPLE=t.numel() > 1,
+        PER_SAMPLE=per_sample_weights,
         BLOCK_IN_SAMPLE=per_sample % block == 0,
         BLOCK=block,
         ROUNDED_PRODUCTS=not INTERPRET,

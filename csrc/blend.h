@@ -1,5 +1,6 @@
 // Shared declarations of the bypass blend:  mid_out <- (1 - lambda) * mid_out + lambda * mid_in,
-// lambda = table[clamp(round_half_to_even(float32(timestep[sample])), 0, T - 1)], float32 arithmetic.
+// lambda = table[row][clamp(round_half_to_even(float32(timestep[sample])), 0, T - 1)], float32 arithmetic,
+// with row = sample for a 2-D table [batch, T] (a schedule per sample), else the one row.
 #pragma once
 
 #include <ATen/core/Tensor.h>  // declarations only: a light header for nvcc (the .cu parses it twice)
@@ -14,9 +15,16 @@ namespace bypass_kernels {
 bool check_blend_args(const at::Tensor& mid_out, const at::Tensor& mid_in, const at::Tensor& table,
                       const at::Tensor& timestep);
 
+// Whether samples may take different lambdas: a timestep per sample, or a table row per sample
+// (a 2-D table [rows, T], rows = batch; a 1-D table or one row is shared by every sample).
+bool per_sample_weights(const at::Tensor& table, const at::Tensor& timestep);
+
+// Elements between two samples' rows of the table: 0 where every sample reads one row.
+int64_t table_row_stride(const at::Tensor& table);
+
 // True when one flat pass over memory is correct: same sizes and strides, dense, and (for
-// per-sample timesteps) each sample a contiguous chunk of numel / batch elements.
-bool flat_layout_ok(const at::Tensor& mid_out, const at::Tensor& mid_in, const at::Tensor& timestep);
+// per-sample weights) each sample a contiguous chunk of numel / batch elements.
+bool flat_layout_ok(const at::Tensor& mid_out, const at::Tensor& mid_in, bool per_sample);
 
 // Any-strides fallback with ATen ops; writes the result into mid_out. NaN timesteps read index 0,
 // like the fused kernels (fmax/fmin), the torch ops and the exported graph.

@@ -22,8 +22,12 @@ bool check_blend_args(const at::Tensor& mid_out, const at::Tensor& mid_in, const
                    "mid_out and mid_in: expected one floating dtype, got ", mid_out.scalar_type(), " and ",
                    mid_in.scalar_type());
   TORCH_CHECK_VALUE(mid_out.dim() >= 1, "mid_out: expected a tensor with a batch dimension");
-  TORCH_CHECK_TYPE(table.dim() == 1 && table.scalar_type() == at::kFloat && table.numel() >= 1,
-                   "table: expected a 1-D float32 tensor (BypassSchedule.table())");
+  TORCH_CHECK_TYPE((table.dim() == 1 || table.dim() == 2) && table.scalar_type() == at::kFloat,
+                   "table: expected a float32 tensor, 1-D [T] (BypassSchedule.table()) or 2-D [rows, T] with a row ",
+                   "per sample (BypassSchedule.stack)");
+  TORCH_CHECK_VALUE(table.size(-1) >= 1 && (table.dim() == 1 || table.size(0) == 1 || table.size(0) == mid_out.size(0)),
+                    "table: expected [T] or [rows, T] with rows 1 or the batch (", mid_out.size(0), ") and T >= 1, ",
+                    "got shape ", table.sizes());
   const auto device = mid_out.device();
   TORCH_CHECK_VALUE(mid_in.device() == device && table.device() == device && timestep.device() == device,
                     "mid_out, mid_in, table and timestep must be on one device, got ", device, ", ", mid_in.device(),
@@ -44,24 +48,35 @@ bool check_blend_args(const at::Tensor& mid_out, const at::Tensor& mid_in, const
   }
 }
 
-bool flat_layout_ok(const at::Tensor& mid_out, const at::Tensor& mid_in, const at::Tensor& timestep) {
+bool per_sample_weights(const at::Tensor& table, const at::Tensor& timestep) {
+  return timestep.numel() > 1 || (table.dim() == 2 && table.size(0) > 1);
+}
+
+int64_t table_row_stride(const at::Tensor& table) {
+  return table.dim() == 2 && table.size(0) > 1 ? table.stride(0) : 0;
+}
+
+bool flat_layout_ok(const at::Tensor& mid_out, const at::Tensor& mid_in, bool per_sample) {
   if (!mid_out.is_non_overlapping_and_dense() || !mid_in.is_non_overlapping_and_dense()) return false;
   // Strides of size-1 dimensions never address memory: only the others must agree.
   for (int64_t d = 0; d < mid_out.dim(); ++d) {
     if (mid_out.size(d) != 1 && mid_out.stride(d) != mid_in.stride(d)) return false;
   }
-  if (timestep.numel() == 1 || mid_out.size(0) == 1 || mid_out.numel() == 0) return true;
+  if (!per_sample || mid_out.size(0) == 1 || mid_out.numel() == 0) return true;
   // The batch dimension must be outermost in memory.
   return mid_out.stride(0) == mid_out.numel() / mid_out.size(0);
 }
 
 void blend_fallback_(at::Tensor& mid_out, const at::Tensor& mid_in, const at::Tensor& table,
                      const at::Tensor& timestep) {
-  const int64_t T = table.numel();
+  const int64_t T = table.size(-1);
   auto idx = timestep.reshape({-1}).to(at::kFloat).nan_to_num(0.0).round().clamp(0, T - 1).to(at::kLong);
   std::vector<int64_t> shape(mid_out.dim(), 1);
   shape[0] = -1;
-  auto lam = table.index_select(0, idx).reshape(shape);
+  // A row per sample: row b at its index (one index for all rows, or one per row)
+  auto lam = table_row_stride(table) == 0 ? table.reshape({-1}).index_select(0, idx)
+                                          : table.gather(1, idx.reshape({-1, 1}).expand({table.size(0), 1}));
+  lam = lam.reshape(shape);
   auto blended = (1 - lam) * mid_out.to(at::kFloat) + lam * mid_in.to(at::kFloat);
   mid_out.copy_(blended);
 }

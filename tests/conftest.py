@@ -111,6 +111,10 @@ def sample_inputs(device="cpu", dtypes=DTYPES, shapes=ODD_SHAPES):
             }
             for tname, t in timesteps.items():
                 yield f"{tuple(shape)}-{str(dtype)[6:]}-{tname}", m, h, table, t
+            # a schedule per sample: a [batch, T] table, with one timestep and with one per sample
+            rows = torch.rand(b, 1000, generator=gen, dtype=torch.float32).to(device)
+            for tname in ("scalar_int", "per_sample"):
+                yield f"{tuple(shape)}-{str(dtype)[6:]}-rows_{tname}", m, h, rows, timesteps[tname]
 
 
 def hand_hook(unet, weight_of):

@@ -102,8 +102,10 @@ def test_kernels_equal_the_reference_bit_for_bit(device, backend, dtype):
     m = (torch.randn(4, 40, 6, 7, generator=gen) * torch.logspace(-40, 3, 7)).to(device, dtype)
     h = torch.randn(4, 40, 6, 7, generator=gen).to(device, dtype)
     t = torch.tensor([999.0, 12.5, 480.3, 13.5], device=device)
-    out = blend_(m.clone(), h, table, t, backend=backend)
-    assert torch.equal(out, blend_reference(m, h, table, t))
+    rows = torch.rand(4, 1000, generator=gen).to(device)  # a schedule per sample
+    for tab in (table, rows):
+        out = blend_(m.clone(), h, tab, t, backend=backend)
+        assert torch.equal(out, blend_reference(m, h, tab, t))
 
 
 @pytest.mark.parametrize(("device", "backend"), list(backend_params()))
@@ -151,13 +153,53 @@ def test_timestep_weights_shape():
     assert w.shape == (2, 1, 1, 1) and w.flatten().tolist() == [pytest.approx(0.2), pytest.approx(0.9)]
 
 
+def test_a_table_row_per_sample_matches_the_method_definition():
+    """λ_b = table[b, index(t_b)]: the reference against Python floats, and each sample equal to a blend
+    of that sample alone with its row as a 1-D table."""
+    gen = torch.Generator().manual_seed(3)
+    table = torch.rand(4, 1000, generator=gen)
+    m, h = torch.randn(4, 3, 2, 2, generator=gen), torch.randn(4, 3, 2, 2, generator=gen)
+    t = torch.tensor([0.5, 2.5, 1e5, float("nan")])
+    out = blend_reference(m, h, table, t)
+    for b, idx in enumerate([0, 2, 999, 0]):
+        lam = float(table[b, idx])
+        torch.testing.assert_close(out[b], m[b] + lam * (h[b] - m[b]), atol=1e-6, rtol=1e-6)
+        assert torch.equal(out[b : b + 1], blend_reference(m[b : b + 1], h[b : b + 1], table[b], t[b]))
+    shared = blend_reference(m, h, table[0].expand(4, -1), t)  # equal rows: the 1-D table, bit for bit
+    assert torch.equal(shared, blend_reference(m, h, table[0], t))
+    assert torch.equal(blend_reference(m, h, table[:1], t), blend_reference(m, h, table[0], t))  # one row
+
+
+@pytest.mark.parametrize(("device", "backend"), list(backend_params()))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_table_row_per_sample_on_every_layout_and_timestep(device, backend, dtype):
+    gen = torch.Generator().manual_seed(4)
+    table = torch.rand(3, 1000, generator=gen).to(device)
+    base_m = torch.randn(3, 16, 5, 6, generator=gen).to(device, dtype)
+    base_h = torch.randn(3, 16, 5, 6, generator=gen).to(device, dtype)
+    layouts = {
+        "contiguous": lambda x: x,
+        "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
+        "batch_inner": lambda x: x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2),
+    }
+    timesteps = (torch.tensor(500.0), torch.tensor([10.0, float("nan"), 1e9]), 999)
+    for (name, make), t in ((item, t) for item in layouts.items() for t in timesteps):
+        for rows in (table, table.t().contiguous().t()):  # and a table whose rows are not contiguous
+            m, h = make(base_m.clone()), make(base_h.clone())
+            expected = blend_reference(m, h, rows, torch.as_tensor(t, device=device))
+            blend_(m, h, rows, t, backend=backend)
+            torch.testing.assert_close(m, expected, **TOL[dtype], msg=name)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
         (dict(h=torch.randn(2, 4, 3, 4)), ValueError, "same shape"),
         (dict(h=torch.randn(2, 4, 3, 3, dtype=torch.float16)), TypeError, "dtype"),
         (dict(table=torch.rand(1000, dtype=torch.float64)), TypeError, "table"),
-        (dict(table=torch.rand(10, 100)), TypeError, "table"),
+        (dict(table=torch.rand(10, 100)), ValueError, "rows 1 or the batch"),
+        (dict(table=torch.rand(2, 0)), ValueError, "T >= 1"),
+        (dict(table=torch.rand(2, 1, 100)), TypeError, "table"),
         (dict(t=torch.tensor([1.0, 2.0, 3.0])), ValueError, "one per sample"),
         (dict(t="999"), TypeError, "timestep"),
         (dict(backend="fast"), ValueError, "backend"),
@@ -189,7 +231,7 @@ def test_info_lists_every_backend_with_a_reason():
 # --------------------------------------------------------------------- registered ops
 def _opcheck_cases(device):
     for name, m, h, table, t in sample_inputs(device, shapes=[(3, 7, 4, 5), (1, 3, 5, 7)]):
-        if "fraction" in name or "scalar_int" in name or "per_sample" in name:
+        if "fraction" in name or "scalar_int" in name or "per_sample" in name:  # rows_* too
             yield name, m.clone(), h, table, t.to(torch.float32) if t.dtype == torch.float64 else t
 
 

@@ -1,4 +1,4 @@
-// CPU kernel: lambda per sample is read on the host (the timestep is a CPU tensor), then one
+// CPU kernel: lambda per sample is read on the host (the timestep and table are CPU tensors), then one
 // parallel, vectorized pass blends in place with float32 arithmetic.
 //
 // Two code paths, chosen at run time (a wheel built on one x86-64 machine runs on any other):
@@ -50,16 +50,18 @@ float timestep_value(const at::Tensor& t, int64_t i) {
   }
 }
 
-std::vector<float> sample_weights(const at::Tensor& table, const at::Tensor& timestep) {
+// One weight for the batch, or one per sample (a timestep per sample, or a table row per sample).
+std::vector<float> sample_weights(const at::Tensor& table, const at::Tensor& timestep, int64_t batch) {
   const auto t = timestep.reshape({-1});  // a view for 0-d and 1-d timesteps
   const auto tab = table.contiguous();
   const float* wp = tab.const_data_ptr<float>();
-  const float last = static_cast<float>(tab.numel() - 1);
-  std::vector<float> out(t.numel());
-  for (int64_t i = 0; i < t.numel(); ++i) {
+  const int64_t T = tab.size(-1), row_stride = table_row_stride(tab);
+  const float last = static_cast<float>(T - 1);
+  std::vector<float> out(per_sample_weights(table, timestep) ? batch : 1);
+  for (int64_t i = 0; i < static_cast<int64_t>(out.size()); ++i) {
     // nearbyint rounds half to even in the default rounding mode; fmax/fmin map NaN to 0.
-    const float r = std::fmin(std::fmax(std::nearbyint(timestep_value(t, i)), 0.0f), last);
-    out[i] = wp[static_cast<int64_t>(r)];
+    const float r = std::fmin(std::fmax(std::nearbyint(timestep_value(t, t.numel() == 1 ? 0 : i)), 0.0f), last);
+    out[i] = wp[i * row_stride + static_cast<int64_t>(r)];
   }
   return out;
 }
@@ -190,13 +192,14 @@ void blend_flat(at::Tensor& mid_out, const at::Tensor& mid_in, const std::vector
 
 void blend_cpu_(at::Tensor mid_out, const at::Tensor& mid_in, const at::Tensor& table, const at::Tensor& timestep) {
   if (!check_blend_args(mid_out, mid_in, table, timestep)) return;
-  if (!kernel_dtype_ok(mid_out.scalar_type()) || !flat_layout_ok(mid_out, mid_in, timestep)) {
+  if (!kernel_dtype_ok(mid_out.scalar_type()) ||
+      !flat_layout_ok(mid_out, mid_in, per_sample_weights(table, timestep))) {
     blend_fallback_(mid_out, mid_in, table, timestep);
     return;
   }
   const int64_t numel = mid_out.numel();
   if (numel == 0) return;
-  const std::vector<float> weights = sample_weights(table, timestep);
+  const std::vector<float> weights = sample_weights(table, timestep, mid_out.size(0));
   const int64_t per_sample = weights.size() == 1 ? numel : numel / mid_out.size(0);
   switch (mid_out.scalar_type()) {
     case at::kHalf: blend_flat<at::Half>(mid_out, mid_in, weights, per_sample); break;

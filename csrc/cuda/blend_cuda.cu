@@ -38,18 +38,20 @@ __device__ __forceinline__ scalar_t mix(scalar_t m, scalar_t h, float keep, floa
   return static_cast<scalar_t>(__fadd_rn(__fmul_rn(keep, static_cast<float>(m)), __fmul_rn(w, static_cast<float>(h))));
 }
 
+// ts_stride and row_stride are 0 where every sample reads one timestep or one table row; per_sample is
+// numel where every sample takes one weight.
 template <typename scalar_t, int VEC>
 __global__ void blend_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ in,
-                             const float* __restrict__ table, int64_t T, const void* __restrict__ timestep,
-                             int kind, int64_t n_timesteps, int64_t ts_stride, int64_t per_sample,
+                             const float* __restrict__ table, int64_t T, int64_t row_stride,
+                             const void* __restrict__ timestep, int kind, int64_t ts_stride, int64_t per_sample,
                              int64_t numel) {
   struct alignas(sizeof(scalar_t) * VEC) Pack { scalar_t v[VEC]; };
   const int64_t n_packs = numel / VEC;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < n_packs; p += stride) {
     const int64_t first = p * VEC;  // a pack never straddles two samples (per_sample % VEC == 0)
-    const int64_t sample = n_timesteps == 1 ? 0 : first / per_sample;
-    const float w = sample_weight(table, T, timestep, kind, sample * ts_stride);
+    const int64_t sample = first / per_sample;
+    const float w = sample_weight(table + sample * row_stride, T, timestep, kind, sample * ts_stride);
     const float keep = 1.0f - w;
     Pack m = reinterpret_cast<const Pack*>(out)[p];
     const Pack h = reinterpret_cast<const Pack*>(in)[p];
@@ -92,8 +94,8 @@ void launch(at::Tensor& mid_out, const at::Tensor& mid_in, const at::Tensor& tab
   const int sms = multiprocessors(mid_out.device().index());
   const int64_t blocks = std::min<int64_t>((packs + threads - 1) / threads, static_cast<int64_t>(sms) * 16);
   blend_kernel<scalar_t, VEC><<<static_cast<unsigned>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      mid_out.data_ptr<scalar_t>(), mid_in.data_ptr<scalar_t>(), table.data_ptr<float>(), table.numel(),
-      t.data_ptr(), kind, t.numel(), t.stride(0), per_sample, numel);
+      mid_out.data_ptr<scalar_t>(), mid_in.data_ptr<scalar_t>(), table.data_ptr<float>(), table.size(-1),
+      table_row_stride(table), t.data_ptr(), kind, t.numel() == 1 ? 0 : t.stride(0), per_sample, numel);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -118,8 +120,9 @@ void bypass_kernels::blend_cuda_(at::Tensor mid_out, const at::Tensor& mid_in, c
   if (!check_blend_args(mid_out, mid_in, table, timestep)) return;
   const c10::cuda::CUDAGuard guard(mid_out.device());
   const int kind = timestep_kind(timestep.scalar_type());
+  const bool per_sample = per_sample_weights(table, timestep);
   if (!kernel_dtype_ok(mid_out.scalar_type()) || kind < 0 || !table.is_contiguous() ||
-      !flat_layout_ok(mid_out, mid_in, timestep)) {
+      !flat_layout_ok(mid_out, mid_in, per_sample)) {
     blend_fallback_(mid_out, mid_in, table, timestep);
     return;
   }
@@ -127,10 +130,10 @@ void bypass_kernels::blend_cuda_(at::Tensor mid_out, const at::Tensor& mid_in, c
   if (numel == 0) return;
   // A view for 0-d and 1-d timesteps (any stride, an expanded one too): no copy, no extra kernel.
   const auto t = timestep.reshape({-1});
-  const int64_t per_sample = t.numel() == 1 ? numel : numel / mid_out.size(0);
+  const int64_t sample_numel = per_sample ? numel / mid_out.size(0) : numel;
   switch (mid_out.scalar_type()) {
-    case at::kHalf: dispatch_width<at::Half>(mid_out, mid_in, table, t, kind, per_sample); break;
-    case at::kBFloat16: dispatch_width<at::BFloat16>(mid_out, mid_in, table, t, kind, per_sample); break;
-    default: dispatch_width<float>(mid_out, mid_in, table, t, kind, per_sample); break;
+    case at::kHalf: dispatch_width<at::Half>(mid_out, mid_in, table, t, kind, sample_numel); break;
+    case at::kBFloat16: dispatch_width<at::BFloat16>(mid_out, mid_in, table, t, kind, sample_numel); break;
+    default: dispatch_width<float>(mid_out, mid_in, table, t, kind, sample_numel); break;
   }
 }

@@ -8,7 +8,7 @@
 # Needs: the project installed (make install), plus the packages those tests import:
 #   pip install parameterized requests-mock peft sentencepiece protobuf
 # The pipeline tests load tiny tokenizers from the Hugging Face Hub: offline, point HF_HOME at a cache
-# holding them and set HF_HUB_OFFLINE=1. Results: junit XML and a one-line summary per run in
+# holding them and set HF_HUB_OFFLINE=1. PEER_WORKERS: pytest-xdist workers (2). Results: junit XML and a one-line summary per run in
 # $PEER_OUT (default peer-results/), and a table at the end; a test that ends differently patched
 # than unpatched is listed.
 set -uo pipefail
@@ -38,7 +38,7 @@ run() {  # suite, variant, extra pytest arguments...
   shift 2
   local name="$suite-$variant"
   # shellcheck disable=SC2046
-  (cd "$DIFFUSERS_TESTS/.." && PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" -m pytest -q -n 2 \
+  (cd "$DIFFUSERS_TESTS/.." && PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" -m pytest -q -n "${PEER_WORKERS:-2}" \
     -p no:cacheprovider --junitxml="$out/$name.xml" "$@" $(files_of "$suite")) > "$out/$name.log" 2>&1
   printf '%-14s %-22s %s\n' "$suite" "$variant" "$(grep -E '(passed|failed)' "$out/$name.log" | tail -n 1)" \
     | tee -a "$out/summary.txt"
