@@ -8,7 +8,7 @@ compile-, CUDA-graph- and export-safe.
 
 from bypass_kernels.backends import BackendUnavailableError, info
 from bypass_kernels.ops import blend, blend_, blend_reference
-from bypass_kernels.patching import get_schedule, is_patched, patch, patched, set_schedule, unpatch
+from bypass_kernels.patching import get_schedule, is_patched, patch, patched, per_sample, set_schedule, unpatch
 from bypass_kernels.schedule import BypassSchedule, default_schedule
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "is_patched",
     "patch",
     "patched",
+    "per_sample",
     "set_schedule",
     "unpatch",
 ]

@@ -274,18 +274,18 @@ class LeaveSpan:
             entered = (own,)
         if versions is not None:
             _check_unchanged(entered, versions)
-        table = _override(calls, self.token) if _OPEN_OVERRIDES else None
+        tables = _override(calls, self.token) if _OPEN_OVERRIDES else None
         if not is_compiling() and is_grad_enabled() and self.controller.checkpointing():
             self.controller.keep_for_recompute(
-                args[0] if args else kwargs.get(self.input_name), timestep, entered, table
+                args[0] if args else kwargs.get(self.input_name), timestep, entered, tables
             )
-        return self.blend(block, args, kwargs, output, timestep, entered, table)
+        return self.blend(block, args, kwargs, output, timestep, entered, tables)
 
-    def blend(self, block, args, kwargs, output, timestep, entered, table):
+    def blend(self, block, args, kwargs, output, timestep, entered, tables):
         """Blend block j's ``output`` with the span's input ``entered`` at ``timestep``."""
         controller = self.controller  # read by compiled code only as an argument: no guard on it
         if self.single:
-            return blend_stream(controller, block, output, entered[0], timestep, table)
+            return blend_stream(controller, block, output, entered[0], timestep, tables)
         if not isinstance(output, (tuple, list)):
             raise TypeError(
                 f"bypass_kernels: block {type(block).__name__} returned {type(output).__name__}, "
@@ -296,7 +296,7 @@ class LeaveSpan:
             m = output[index]
             if not blended or m is None or h is None:
                 continue  # a stream left as it is, or one this block does not return (SD3's last: no text)
-            new = blend_stream(controller, block, m, h, timestep, table)
+            new = blend_stream(controller, block, m, h, timestep, tables)
             if new is not None:
                 rebuilt = list(output) if rebuilt is None else rebuilt
                 rebuilt[index] = new
@@ -400,9 +400,9 @@ def _with_forward(base: type, role: Role, namespace: dict) -> type:
                 call = calls.get(key)
                 if call is not None:  # this frame's carrier wrote it: the common case, written out
                     del calls[key]
-                    table = _override(calls, token) if _OPEN_OVERRIDES else None
+                    tables = _override(calls, token) if _OPEN_OVERRIDES else None
                     own = args[0] if args else kwargs.get(input_name)
-                    blended = blend_stream(None, self, out, own, call[0], table)
+                    blended = blend_stream(None, self, out, own, call[0], tables)
                     return out if blended is None else blended
                 blended = self.__dict__[_ROLES][1](self, args, kwargs, out)  # an eager carrier's record
                 return out if blended is None else blended
@@ -454,7 +454,7 @@ def _set_class_below_parametrizations(module: nn.Module, cls: type) -> None:
 
 
 def _override(calls: dict, token: str):
-    """The table a ``table_for_calls`` of this model class opened in this thread, else None."""
+    """The tables (by device) a ``table_for_calls`` of this model class opened in this thread, else None."""
     override = calls.get("table")
     return override[1] if override is not None and override[0] == token else None
 
@@ -487,7 +487,7 @@ class BypassController:
         self._handles: list = []
         self._swapped: list[tuple[nn.Module, type, Role]] = []  # (module, its base class, its role): picklable
         self._owner_codes = forward_codes(owner)
-        # block j's input tensor -> (timestep, span input, table) while checkpointing (see keep_for_recompute)
+        # block j's input tensor -> (timestep, span input, tables) while checkpointing (see keep_for_recompute)
         self._recompute = WeakIdKeyDictionary()
 
     # ----------------------------------------------------------------- tables
@@ -513,10 +513,12 @@ class BypassController:
 
     @contextlib.contextmanager
     def table_for_calls(self, table: torch.Tensor) -> Iterator[None]:
-        """Blend with ``table`` instead of the schedule's, in this thread, for the block's calls."""
+        """Blend with ``table`` instead of the schedule's, in this thread, for the block's calls: [T], or
+        [rows, T] with a schedule per sample (see :func:`table_rows`). Copied once to each device a
+        blend runs on."""
         global _OPEN_OVERRIDES
         previous = getattr(_CALLS, "table", None)
-        _CALLS.table = (self.token, table)
+        _CALLS.table = (self.token, {table.device: table})
         with _OVERRIDES_LOCK:
             _OPEN_OVERRIDES += 1
         try:
@@ -552,12 +554,12 @@ class BypassController:
         ``gradient_checkpointing`` set; a UNet checkpoints inside its mid-block, below the roles)."""
         return getattr(self.owner, "gradient_checkpointing", False) is True and not hasattr(self.owner, "mid_block")
 
-    def keep_for_recompute(self, block_input, timestep, entered, table) -> None:
+    def keep_for_recompute(self, block_input, timestep, entered, tables) -> None:
         """Keep what block j blended with, under the tensor block j was called on: the backward pass
         recomputes block j from that tensor, outside the model call, and must blend it the same way.
         Kept while that tensor lives (the checkpoint holds it until its backward)."""
         if isinstance(block_input, Tensor):
-            self._recompute[block_input] = (timestep, entered, table)
+            self._recompute[block_input] = (timestep, entered, tables)
 
     def kept_for_recompute(self, block_input) -> tuple | None:
         """What :meth:`keep_for_recompute` kept for ``block_input``; None outside a recomputation."""
@@ -668,14 +670,16 @@ def table_on(tables: dict, device: torch.device) -> torch.Tensor:
     """The table on ``device`` from a controller's tables, copied there once from the host table."""
     table = tables.get(device)
     if table is None:
-        table = tables[device] = tables[_HOST].to(device)
+        source = tables.get(_HOST)
+        table = tables[device] = (source if source is not None else next(iter(tables.values()))).to(device)
     return table
 
 
-def blend_stream(controller: BypassController, block, m, h, timestep, table):
+def blend_stream(controller: BypassController, block, m, h, timestep, tables):
     """Blend one stream of the span's output; returns a new tensor (compiled code, or where autograd
-    needs one), else None (blended in place). Compiled code reads the tables from ``block`` and
-    nothing of ``controller`` (its backend chooses eager kernels), so it guards neither."""
+    needs one), else None (blended in place). ``tables``: by device, a ``table_for_calls``'s, else
+    None (the block's own). Compiled code reads the tables from ``block`` and nothing of
+    ``controller`` (its backend chooses eager kernels), so it guards neither."""
     if not isinstance(m, Tensor) or not isinstance(h, Tensor):
         raise TypeError(
             f"bypass_kernels: the span must take and return tensors, got {type(h).__name__} -> "
@@ -688,18 +692,23 @@ def blend_stream(controller: BypassController, block, m, h, timestep, table):
         )
     if m is h:  # an identity span: the blend is the identity too
         return None
-    if table is None:
-        table = block._bypass_tables.get(m.device)
-        if table is None:  # not on this device yet (compiled code finds it there from the next call)
-            table = table_on(block._bypass_tables, m.device)
+    if tables is None:
+        tables = block._bypass_tables
+    table = tables.get(m.device)
+    if table is None:  # not on this device yet (compiled code finds it there from the next call)
+        table = table_on(tables, m.device)
     # Video UNets fold frames into the batch before the mid-block (sample-major, as diffusers' UNet3D, SVD,
     # AnimateDiff and I2VGen-XL do): a [B] timestep becomes [B·F], each sample's value repeated over its
     # frames. Shapes only: no host sync, no graph break. (Written here, not called: fewer guards.)
     t = timestep
-    n = t.numel()
+    n = calls = t.numel()
+    if table.dim() == 2:  # a schedule per sample, one row per sample of the model's call
+        table = table_rows(table, calls if calls > 1 and m.shape[0] % calls == 0 else m.shape[0])
     if n not in (1, m.shape[0]) and m.shape[0] % n == 0:  # blend_ rejects the other mismatches, with a message
         t = t.reshape(-1).repeat_interleave(m.shape[0] // n)
         n = t.numel()
+    if table.dim() == 2 and table.shape[0] not in (1, m.shape[0]) and m.shape[0] % table.shape[0] == 0:
+        table = table.repeat_interleave(m.shape[0] // table.shape[0], 0)  # the frames folded, as t
     rows = None
     if n != 1 and n != m.shape[0] and m.dim() >= 3 and n == m.shape[0] * m.shape[1]:
         # A timestep per token (LTX's image-to-video and condition pipelines, Wan 2.2 TI2V: [batch, tokens],
@@ -707,6 +716,8 @@ def blend_stream(controller: BypassController, block, m, h, timestep, table):
         # samples. Conditioning tokens at t = 0 then take λ(0).
         rows = (m.shape[0] * m.shape[1], *m.shape[2:])
         h = h.reshape(rows)
+        if table.dim() == 2 and table.shape[0] > 1:
+            table = table.repeat_interleave(m.shape[1], 0)
     if is_compiling():  # plain ops, out of place: what the compiler fuses into the block's last kernel
         if rows is None:
             return blend_reference(m, h, table, t)
@@ -717,6 +728,22 @@ def blend_stream(controller: BypassController, block, m, h, timestep, table):
         return new if rows is None else new.reshape(m.shape)
     blend_(flat, h, table, t, backend=controller.backend)
     return None
+
+
+def table_rows(table: Tensor, batch: int) -> Tensor:
+    """A [rows, T] table (a schedule per image) for a model call of ``batch`` samples: the rows as they
+    are, or twice over where classifier-free guidance doubled the batch (diffusers' pipelines put the
+    unconditional half first, then the conditional, each in image order). Shapes only: no host sync."""
+    rows = table.shape[0]
+    if rows == batch or rows == 1:
+        return table
+    if 2 * rows == batch:
+        return table.repeat(2, 1)
+    raise ValueError(
+        f"bypass_kernels.per_sample: {rows} schedules for a model call of batch {batch}: give one schedule per "
+        "image the pipeline makes (prompts × num_images_per_prompt, in that order, or images_per_prompt=...); "
+        "a batch doubled by classifier-free guidance is handled"
+    )
 
 
 def _view(tensor: Tensor, shape: tuple) -> Tensor | None:

@@ -26,7 +26,16 @@ from bypass_kernels import backends, targets
 from bypass_kernels.attach import BypassController, Carrier, check_scheduler_T, owner_of, scheduler_T
 from bypass_kernels.schedule import BypassSchedule, default_schedule
 
-__all__ = ["BypassController", "get_schedule", "is_patched", "patch", "patched", "set_schedule", "unpatch"]
+__all__ = [
+    "BypassController",
+    "get_schedule",
+    "is_patched",
+    "patch",
+    "patched",
+    "per_sample",
+    "set_schedule",
+    "unpatch",
+]
 
 _ATTR = "_bypass"
 _LINK = "_bypass_link"
@@ -410,3 +419,39 @@ def patched(model, schedule: BypassSchedule | str | dict | None = None, *, backe
             unpatch(model)
         else:
             patch(model, previous[0], backend=previous[1])
+
+
+@contextlib.contextmanager
+def per_sample(model, schedules, *, images_per_prompt: int = 1) -> Iterator:
+    """``with per_sample(pipe, [s1, s2, ...]): pipe(prompt=[p1, p2, ...])``: within the block, each image
+    of the patched model's calls in this thread takes its own schedule, in one batched call.
+
+    ``schedules``: one per image the pipeline makes, in its order (each a :class:`BypassSchedule`, a
+    spec string or a dict, as :func:`patch` takes them); ``images_per_prompt``: give one per prompt
+    instead, each repeated for that pipeline's ``num_images_per_prompt`` images. A batch doubled by
+    classifier-free guidance (unconditional half first) and video frames folded into the batch get
+    their image's schedule. Other threads, and calls after the block, use the model's own schedule.
+    Schedules change no compiled code's guards but the table's shape: a new number of images
+    recompiles once, as a new batch size does (then the dimension is dynamic)."""
+    controllers = _controllers(model)
+    if not controllers:
+        raise ValueError("per_sample: the model is not patched; call bypass_kernels.patch(model) first")
+    if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
+        raise ValueError(f"per_sample: images_per_prompt must be a positive integer, got {images_per_prompt!r}")
+    if isinstance(schedules, (str, dict, BypassSchedule)) or not hasattr(schedules, "__iter__"):
+        raise TypeError("per_sample: schedules must be a list, one schedule per image (or per prompt)")
+    _, pipeline = targets.models_of(model, "per_sample")
+    pipeline = pipeline if pipeline is not None else controllers[0].pipeline
+    parsed = [_as_schedule(s, pipeline, controllers[0].carrier) for s in schedules]
+    T = controllers[0].table.shape[0]
+    for i, schedule in enumerate(parsed):
+        if schedule.num_train_timesteps != T:
+            raise ValueError(
+                f"per_sample: schedules[{i}] is built for num_train_timesteps={schedule.num_train_timesteps}, the "
+                f"patched model's table for {T}"
+            )
+    table = BypassSchedule.stack(parsed).repeat_interleave(images_per_prompt, 0)
+    with contextlib.ExitStack() as stack:
+        for controller in controllers:
+            stack.enter_context(controller.table_for_calls(table))
+        yield model

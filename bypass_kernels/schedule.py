@@ -295,6 +295,18 @@ class BypassSchedule:
     def num_train_timesteps(self) -> int:
         return self._T
 
+    @staticmethod
+    def stack(schedules, device: torch.device | str | None = None) -> torch.Tensor:
+        """A [len(schedules), T] float32 table, row i the table of ``schedules[i]``: a schedule per
+        sample, as :func:`bypass_kernels.blend_` and :func:`bypass_kernels.per_sample` take it."""
+        schedules = list(schedules)
+        if not schedules or not all(isinstance(s, BypassSchedule) for s in schedules):
+            raise TypeError("schedules: expected a non-empty sequence of BypassSchedule")
+        lengths = {s.num_train_timesteps for s in schedules}
+        if len(lengths) > 1:
+            raise ValueError(f"schedules: built for different num_train_timesteps ({sorted(lengths)}); use one T")
+        return torch.stack([s.table(device) for s in schedules])
+
     def table(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The float32 table of length T (a new tensor each call)."""
         if device is not None and not isinstance(device, (str, torch.device)):

@@ -12,7 +12,7 @@ from bypass_kernels.export import OnnxRuntimeUNet
 from bypass_kernels.export.onnx_export import SCHEDULE_NAME, export_inputs, reference_output
 from conftest import GRAPH_SCHEDULE
 from tiny_models import graph_unet
-from tiny_pipelines import run_img2img, tiny_text_encoder, tiny_vae
+from tiny_pipelines import run_img2img, sdxl_pipeline, tiny_text_encoder, tiny_vae
 
 import bypass_kernels
 from bypass_kernels import BypassSchedule
@@ -49,23 +49,7 @@ def sd(tmp_path_factory, sd_graph):
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory, sdxl_graph):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    torch.manual_seed(0)
-    # cross_attention_dim 32 = 16 + 16 (both encoders' penultimate states); text_embeds 32 = the projection.
-    tokenizer, text_encoder = tiny_text_encoder(tmp_path_factory.mktemp("tok1"), 16)
-    tokenizer_2, text_encoder_2 = tiny_text_encoder(tmp_path_factory.mktemp("tok2"), 16, projection=32)
-    pipe = StableDiffusionXLPipeline(
-        vae=tiny_vae(),
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=graph_unet("sdxl"),
-        scheduler=EulerDiscreteScheduler(num_train_timesteps=1000),  # fractional timesteps
-        add_watermarker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sdxl_pipeline(tmp_path_factory.mktemp("sdxl"), graph_unet("sdxl"))
     return pipe, sdxl_graph["path"]  # the schedule is a graph input: any table at run time
 
 

@@ -96,6 +96,32 @@ def sd_components(folder, *, unet=None) -> dict:
     )
 
 
+def sdxl_pipeline(folder, unet):
+    """StableDiffusionXLPipeline around ``unet`` (an SDXL-shaped UNet: cross_attention_dim 32 = 16 + 16, both
+    encoders' penultimate states; text_embeds 32 = the second encoder's projection), Euler (fractional t)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    (folder / "tok1").mkdir()
+    (folder / "tok2").mkdir()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tokenizer, text_encoder = tiny_text_encoder(folder / "tok1", 16)
+        tokenizer_2, text_encoder_2 = tiny_text_encoder(folder / "tok2", 16, projection=32)
+        vae = tiny_vae()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(num_train_timesteps=1000),  # fractional timesteps
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _no_safety(pipe_cls, **components):
     pipe = pipe_cls(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
