@@ -55,6 +55,11 @@ def add_export_parser(command, schedule_help: str, func) -> None:
     )
     p.add_argument("--schedule-as-input", action="store_true", help="make bypass_schedule a graph input")
     p.add_argument(
+        "--per-sample",
+        action="store_true",
+        help="make bypass_schedule a graph input [batch, T]: a schedule per sample (for servers that batch requests)",
+    )
+    p.add_argument(
         "--opset",
         type=int,
         default=None,
@@ -179,13 +184,19 @@ def _run_export(args) -> int:
                 opset=args.opset,
                 fp16=args.fp16,
                 schedule_as_input=args.schedule_as_input,
+                per_sample=args.per_sample,
                 check=False,
             )
             progress.end(f"inputs {', '.join(result.input_names)}")
             if not args.no_check:
                 progress.begin(f"checking with ONNX Runtime at {len(CHECK_TIMESTEPS)} timestep sets")
                 error = verify_export(
-                    result.path, unet, schedule, schedule_as_input=args.schedule_as_input, fp16=args.fp16
+                    result.path,
+                    unet,
+                    schedule,
+                    schedule_as_input=result.schedule_as_input,
+                    fp16=args.fp16,
+                    per_sample=args.per_sample,
                 )
                 progress.end(f"max relative error {error:.3g}")
 
@@ -194,7 +205,8 @@ def _run_export(args) -> int:
             config["_bypass_kernels"] = {
                 "text_len": result.text_len,
                 "fp16": args.fp16,
-                "schedule_as_input": args.schedule_as_input,
+                "schedule_as_input": result.schedule_as_input,
+                "per_sample": args.per_sample,
                 "inputs": result.input_names,
             }
             with open(stage.file("config.json"), "w", encoding="utf-8") as f:

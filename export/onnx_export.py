@@ -3,7 +3,9 @@
 The graph follows the names of NVIDIA's TensorRT diffusion demo: inputs ``sample``, ``timestep``,
 ``encoder_hidden_states`` (plus ``text_embeds`` and ``time_ids`` for SDXL), output ``latent``. The
 schedule is a float32 initializer ``bypass_schedule`` of length T, or, with
-``schedule_as_input=True``, a graph input of that name. The blend is plain ONNX operators
+``schedule_as_input=True``, a graph input of that name; with ``per_sample=True`` that input is
+[batch, T], a schedule per sample sharing the sample's batch dimension (what a serving engine that
+batches requests needs). The blend is plain ONNX operators
 (Round, Clip, Cast, Gather, Sub, Mul, Add), so ONNX Runtime and TensorRT fuse it like any other
 pointwise work.
 """
@@ -41,6 +43,7 @@ class ExportResult:
     files: list[str] = field(default_factory=list)
     max_error: float | None = None  # ONNX Runtime against PyTorch, relative (None: not checked)
     text_len: int | None = None  # the encoder_hidden_states length exported with (None: no text input)
+    per_sample: bool = False  # the schedule input is [batch, T]
 
 
 class UNetForExport(nn.Module):
@@ -142,6 +145,14 @@ def check_example_batch(batch, dynamic_batch: bool, max_batch: int) -> int:
     return batch
 
 
+def per_sample_check_table(schedule: BypassSchedule, batch: int) -> torch.Tensor:
+    """A [batch, T] table whose rows differ (the schedule, then λ = 0.5 and 0 at every step, in turn): what
+    a per-sample export is traced and checked with, so a graph that mixed rows up would fail its check."""
+    T = schedule.num_train_timesteps
+    others = [BypassSchedule.constant(0.5, num_train_timesteps=T), BypassSchedule.constant(0.0, num_train_timesteps=T)]
+    return BypassSchedule.stack([schedule, *others][i % 3] for i in range(batch))
+
+
 def _dynamic_shapes(names, *, factor: int, dynamic_batch: bool, dynamic_shape: bool):
     Dim = torch.export.Dim
     batch = Dim("batch", min=1, max=TRACE_MAX_BATCH)
@@ -153,7 +164,7 @@ def _dynamic_shapes(names, *, factor: int, dynamic_batch: bool, dynamic_shape: b
             if dynamic_batch:
                 spec[0] = count
         elif name == SCHEDULE_NAME:
-            spec = {}
+            spec = {0: batch} if dynamic_batch and names[name].dim() == 2 else {}  # [batch, T]: per sample
         else:
             if dynamic_batch:
                 spec[0] = batch
@@ -173,11 +184,18 @@ _DIM_NAMES = {
     "text_embeds": ["batch", None],
     "time_ids": ["batch", None],
     OUTPUT_NAME: ["batch", None, "latent_height", "latent_width"],
+    SCHEDULE_NAME: ["batch", None],  # [batch, T] per sample ([T] is static: no label)
 }
 
 
 def _finish_graph(
-    path: str, schedule: BypassSchedule, *, schedule_as_input: bool, meta: dict[str, str], dim_names=None
+    path: str,
+    schedule: BypassSchedule,
+    *,
+    schedule_as_input: bool,
+    meta: dict[str, str],
+    dim_names=None,
+    per_sample: bool = False,
 ) -> None:
     """Readable dimension names, the schedule under its own name, metadata for deployment, and the
     weights moved to a file with a fresh name (``<graph>.<id>.data``) so that publishing the graph is
@@ -210,6 +228,7 @@ def _finish_graph(
         "bypass_kernels.version": __version__,
         "bypass_kernels.schedule": json.dumps(schedule.to_dict()),
         "bypass_kernels.schedule_as_input": str(schedule_as_input).lower(),
+        "bypass_kernels.schedule_per_sample": str(per_sample).lower(),
         **{f"bypass_kernels.{key}": value for key, value in meta.items()},
     }.items():
         model.metadata_props.add(key=key, value=value)
@@ -327,14 +346,18 @@ def _verify(path: str, unet: nn.Module, inputs: dict[str, torch.Tensor], fp16: b
     return error
 
 
-def verify_export(path: str, model, schedule: BypassSchedule, *, schedule_as_input: bool, fp16: bool) -> float:
+def verify_export(
+    path: str, model, schedule: BypassSchedule, *, schedule_as_input: bool, fp16: bool, per_sample: bool = False
+) -> float:
     """Compare the graph at ``path`` (ONNX Runtime, CPU) with ``model`` patched with ``schedule`` at
-    :data:`CHECK_TIMESTEPS`; returns the largest relative error, raises RuntimeError past
-    :func:`check_tolerance`. The model is left as it was."""
+    :data:`CHECK_TIMESTEPS` (a per-sample graph with rows that differ); returns the largest relative
+    error, raises RuntimeError past :func:`check_tolerance`. The model is left as it was."""
     unet, _ = targets.find_owner(model)
     with patching.patched(unet, schedule, backend="torch"):
         inputs = export_inputs(unet)
-        if schedule_as_input:
+        if per_sample:
+            inputs[SCHEDULE_NAME] = per_sample_check_table(schedule, inputs["sample"].shape[0])
+        elif schedule_as_input:
             inputs[SCHEDULE_NAME] = schedule.table()
         return _verify(path, unet, inputs, fp16)
 
@@ -350,11 +373,13 @@ def export_to_staging(
     dynamic_batch: bool = True,
     dynamic_shape: bool = True,
     schedule_as_input: bool = False,
+    per_sample: bool = False,
     batch: int = 2,
     check: bool = True,
 ) -> ExportResult:
     """The work of :func:`to_onnx`, written into ``stage`` (nothing under a final name): export, finish,
     and (``check``) verify with ONNX Runtime. ``result.files`` are the staged file names."""
+    schedule_as_input = schedule_as_input or per_sample
     import onnx  # noqa: F401  (fail early with the install hint below)
 
     opset = DEFAULT_OPSET if opset is None else opset
@@ -372,7 +397,7 @@ def export_to_staging(
         wrapper = UNetForExport(source, None if schedule_as_input else schedule).eval()
         inputs = export_inputs(source, batch=batch, dtype=dtype)
         if schedule_as_input:
-            inputs[SCHEDULE_NAME] = schedule.table()
+            inputs[SCHEDULE_NAME] = per_sample_check_table(schedule, batch) if per_sample else schedule.table()
         factor = _downsampling_factor(source)
         dynamic = _dynamic_shapes(inputs, factor=factor, dynamic_batch=dynamic_batch, dynamic_shape=dynamic_shape)
         staged = stage.file(name)
@@ -385,11 +410,17 @@ def export_to_staging(
         }
         if "encoder_hidden_states" in inputs:
             meta["text_len"] = str(inputs["encoder_hidden_states"].shape[1])  # the length exported with
-        _finish_graph(staged, schedule, schedule_as_input=schedule_as_input, meta=meta)
+        _finish_graph(staged, schedule, schedule_as_input=schedule_as_input, meta=meta, per_sample=per_sample)
         files = sorted(n for n in os.listdir(stage.path) if n == name or n.startswith(name + "."))
-    error = verify_export(staged, model, schedule, schedule_as_input=schedule_as_input, fp16=fp16) if check else None
+    error = None
+    if check:
+        error = verify_export(
+            staged, model, schedule, schedule_as_input=schedule_as_input, fp16=fp16, per_sample=per_sample
+        )
     text_len = int(meta["text_len"]) if "text_len" in meta else None
-    return ExportResult(staged, list(inputs), schedule, opset, fp16, schedule_as_input, files, error, text_len)
+    return ExportResult(
+        staged, list(inputs), schedule, opset, fp16, schedule_as_input, files, error, text_len, per_sample
+    )
 
 
 def to_onnx(
@@ -402,11 +433,16 @@ def to_onnx(
     dynamic_batch: bool = True,
     dynamic_shape: bool = True,
     schedule_as_input: bool = False,
+    per_sample: bool = False,
     overwrite: bool = False,
     batch: int = 2,
     check: bool = True,
 ) -> ExportResult:
     """Export ``model`` (a UNet or a pipeline) to ONNX at ``path`` with the bypass in the graph.
+
+    ``schedule_as_input``: the schedule is a graph input ``bypass_schedule`` [T] (any table at run
+    time) instead of a constant; ``per_sample``: that input is [batch, T], a schedule per sample on
+    the sample's batch dimension (the runners take a list of schedules; serving engines batch it).
 
     A patched model exports with its own schedule; ``schedule=`` exports with that one instead;
     an unpatched model with no schedule exports with :func:`default_schedule` and warns. The
@@ -433,6 +469,7 @@ def to_onnx(
             dynamic_batch=dynamic_batch,
             dynamic_shape=dynamic_shape,
             schedule_as_input=schedule_as_input,
+            per_sample=per_sample,
             batch=batch,
             check=check,
         )

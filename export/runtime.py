@@ -86,6 +86,38 @@ def timestep_vector(timestep, batch: int, device) -> torch.Tensor:
     return t.reshape(-1).to(device=device, dtype=torch.float32)
 
 
+def schedule_table(schedule, *, per_sample: bool) -> torch.Tensor:
+    """The float32 table a runner feeds: [T] from a BypassSchedule or a tensor; for a per-sample graph also
+    [rows, T] from a list of schedules (one per image) or a 2-D tensor."""
+    from bypass_kernels.schedule import BypassSchedule
+
+    if isinstance(schedule, BypassSchedule):
+        return schedule.table()
+    if isinstance(schedule, torch.Tensor):
+        table = schedule.detach()
+    elif per_sample and isinstance(schedule, (list, tuple)):
+        table = BypassSchedule.stack(schedule)
+    else:
+        kinds = "a BypassSchedule, a list of them (one per image) or a tensor" if per_sample else "a BypassSchedule"
+        raise TypeError(f"schedule: expected {kinds} or a tensor, got {type(schedule).__name__}")
+    if table.dim() != 1 and not (per_sample and table.dim() == 2):
+        raise ValueError(
+            f"schedule: expected a table of shape [T]{' or [rows, T]' if per_sample else ''}, got {list(table.shape)}"
+            + ("" if per_sample else "; a schedule per sample needs a graph exported with per_sample=True")
+        )
+    return table
+
+
+def table_for_batch(table: torch.Tensor, batch: int) -> torch.Tensor:
+    """The [batch, T] input of a per-sample graph from a runner's table: one schedule for every sample,
+    or one per image (twice over where classifier-free guidance doubled the batch)."""
+    from bypass_kernels.attach import table_rows
+
+    if table.dim() == 1:
+        return table.expand(batch, -1)
+    return table_rows(table, batch).expand(batch, -1)
+
+
 class PipelineUNet:
     """Base of the runners: the attributes and call convention of a diffusers UNet (see the module doc).
 
@@ -114,29 +146,32 @@ class PipelineUNet:
     def takes_schedule(self) -> bool:
         return SCHEDULE_NAME in self.input_shapes
 
+    @property
+    def per_sample(self) -> bool:
+        """Whether the graph takes a schedule per sample (``bypass_schedule`` [batch, T])."""
+        return len(self.input_shapes.get(SCHEDULE_NAME, ())) == 2
+
     def set_schedule(self, schedule) -> None:
         """The bypass table for graphs exported with ``schedule_as_input=True``: a BypassSchedule or a
-        float32 tensor of length T. Takes effect on the next call (captured CUDA graphs included)."""
+        float32 tensor of length T; for graphs exported with ``per_sample=True`` also a list of
+        schedules, one per image of the pipeline's batch (the rows of a batch doubled by
+        classifier-free guidance follow), or a [rows, T] tensor. Takes effect on the next call
+        (captured CUDA graphs included)."""
         if not self.takes_schedule:
             raise ValueError(
                 f"set_schedule: this graph has its schedule baked in; export with schedule_as_input=True to "
                 f"change it at run time (graph inputs: {', '.join(self.input_shapes)})"
             )
-        if hasattr(schedule, "table"):
-            table = schedule.table()
-        elif isinstance(schedule, torch.Tensor):
-            table = schedule
-        else:
-            raise TypeError(f"schedule: expected a BypassSchedule or a tensor, got {type(schedule).__name__}")
+        table = schedule_table(schedule, per_sample=self.per_sample)
         if table.is_floating_point() and not bool(torch.isfinite(table).all()):
             raise ValueError("schedule: the table has NaN or infinite values; λ must be finite (0 to 1)")
-        if table.dim() != 1 or table.numel() != self._schedule_len:
+        if table.shape[-1] != self._schedule_len:
             raise ValueError(
                 f"schedule: this graph takes a table of {self._schedule_len} values (its num_train_timesteps), "
                 f"got shape {list(table.shape)}"
             )
-        table = table.detach().to(self.device, torch.float32).contiguous()
-        if self._table is None:
+        table = table.to(self.device, torch.float32).contiguous()
+        if self._table is None or self._table.shape != table.shape:
             self._table = table
         else:
             self._table.copy_(table)  # same storage: bound addresses and captured graphs see the new values
@@ -185,7 +220,7 @@ class PipelineUNet:
         if self.takes_schedule:
             if self._table is None:
                 raise ValueError(f"this graph takes {SCHEDULE_NAME!r} as an input: call set_schedule(...) first")
-            named[SCHEDULE_NAME] = self._table
+            named[SCHEDULE_NAME] = table_for_batch(self._table, sample.shape[0]) if self.per_sample else self._table
         self._check_shapes(named)
         return named
 
@@ -199,7 +234,7 @@ class PipelineUNet:
             ):
                 shown = ["?" if not (isinstance(d, int) and d > 0) else d for d in declared]
                 raise ValueError(f"{name}: the graph takes shape {shown}, got {shape}")
-            if name in _BATCH_INPUTS and shape[0] != batch:
+            if (name in _BATCH_INPUTS or (name == SCHEDULE_NAME and self.per_sample)) and shape[0] != batch:
                 raise ValueError(f"{name}: batch {shape[0]} differs from the sample's batch {batch}")
         # The graph traces one path of the UNet's upsamplers, the one for sizes its downsampling divides.
         multiple = int(getattr(self, "metadata", {}).get("latent_multiple", 1))
@@ -274,7 +309,7 @@ class OnnxRuntimeUNet(PipelineUNet):
         if "sample" not in self.input_shapes or "timestep" not in self.input_shapes:
             raise ValueError(f"path: {path!r} is not a UNet graph from to_onnx (inputs {list(self.input_shapes)})")
         on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
-        length = self.input_shapes.get(SCHEDULE_NAME, [None])[0]
+        length = self.input_shapes.get(SCHEDULE_NAME, [None])[-1]
         self._setup(
             config,
             dtype=self.input_dtypes["sample"],

@@ -182,7 +182,7 @@ class TensorRTUNet(PipelineUNet):
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.input_shapes = {n: list(self.engine.get_tensor_shape(n)) for n in inputs}
         self.input_dtypes = {n: self._torch_dtype(self.engine.get_tensor_dtype(n)) for n in inputs}
-        length = self.input_shapes.get(SCHEDULE_NAME, [None])[0]
+        length = self.input_shapes.get(SCHEDULE_NAME, [None])[-1]
         self._setup(
             config,
             dtype=self._torch_dtype(self.engine.get_tensor_dtype(OUTPUT_NAME)),
@@ -276,11 +276,13 @@ class TensorRTUNet(PipelineUNet):
         return out
 
     def _run_graph(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        key = tuple((n, tuple(t.shape)) for n, t in feeds.items() if n != SCHEDULE_NAME)
+        # A shared table is bound by address (set_schedule writes into it); a per-sample one is copied as any input
+        bound = () if self.per_sample else (SCHEDULE_NAME,)
+        key = tuple((n, tuple(t.shape)) for n, t in feeds.items() if n not in bound)
         slot = self._slots.get(key)
         if slot is None:
             context = self._new_context(feeds)  # one context per captured graph
-            static = {n: (self._table if n == SCHEDULE_NAME else t.clone()) for n, t in feeds.items()}
+            static = {n: (self._table if n in bound else t.clone()) for n, t in feeds.items()}
             out = torch.empty(tuple(context.get_tensor_shape(OUTPUT_NAME)), dtype=self.dtype, device=self.device)
             self._bind(context, static, out)
             self._enqueue(context)  # warm-up after the shape change: TensorRT allocates and sets up here
@@ -292,7 +294,7 @@ class TensorRTUNet(PipelineUNet):
             slot.graph = graph
             self._slots[key] = slot
         for name, tensor in feeds.items():
-            if name != SCHEDULE_NAME:
+            if name not in bound:
                 slot.inputs[name].copy_(tensor)
         slot.graph.replay()
         return slot.output.clone()

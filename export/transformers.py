@@ -32,8 +32,10 @@ from bypass_kernels.export.onnx_export import (
     check_tolerance,
     graph_metadata,
     onnxruntime_session,
+    per_sample_check_table,
     trace_to_onnx,
 )
+from bypass_kernels.export.runtime import schedule_table, table_for_batch
 from torch import nn
 
 from bypass_kernels import patching, targets
@@ -147,6 +149,10 @@ class TransformerForExport(nn.Module):
         bypass_schedule: torch.Tensor | None = None,
     ) -> torch.Tensor:
         table = getattr(self, SCHEDULE_NAME) if bypass_schedule is None else bypass_schedule
+        # Flux's ids with a batch dimension (per-sample graphs: every input a serving engine batches has it);
+        # the rows are equal, as the pipeline makes them
+        img_ids = img_ids[0] if img_ids is not None and img_ids.dim() == 3 else img_ids
+        txt_ids = txt_ids[0] if txt_ids is not None and txt_ids.dim() == 3 else txt_ids
         kwargs = {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states, "timestep": timestep}
         if self.family == "PixArtTransformer2DModel":
             kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
@@ -171,17 +177,18 @@ def _dynamic_shapes(named: dict, *, patch: int, dynamic_batch: bool, dynamic_sha
     for name, value in named.items():
         spec: dict[int, object] = {}
         if name == SCHEDULE_NAME:
-            specs[name] = None
+            specs[name] = {0: batch} if dynamic_batch and value.dim() == 2 else None  # [batch, T]: per sample
             continue
-        if dynamic_batch and name not in ("img_ids", "txt_ids"):
+        batched_ids = name in ("img_ids", "txt_ids") and value.dim() == 3  # [batch, n, 3] (per-sample graphs)
+        if dynamic_batch and (name not in ("img_ids", "txt_ids") or batched_ids):
             spec[0] = batch
         if dynamic_shape:
             if name == "encoder_hidden_states":
                 spec[1] = sequence
             elif name == "txt_ids":
-                spec[0] = sequence
+                spec[int(batched_ids)] = sequence
             elif name == "img_ids":
-                spec[0] = tokens
+                spec[int(batched_ids)] = tokens
             elif name == "hidden_states" and value.dim() == 3:
                 spec[1] = tokens
             elif name == "hidden_states":
@@ -210,6 +217,10 @@ def _dim_names(named: dict) -> dict[str, list]:
         ["batch", None, "latent_height", "latent_width"] if latent_4d else ["batch", "image_tokens", None]
     )
     names[OUTPUT_NAME] = names["hidden_states"]
+    for ids in ("img_ids", "txt_ids"):
+        if ids in named and named[ids].dim() == 3:
+            names[ids] = ["batch", *names[ids]]
+    names[SCHEDULE_NAME] = ["batch", None]  # [batch, T] per sample ([T] is static: no label)
     return names
 
 
@@ -248,6 +259,7 @@ def to_onnx(
     dynamic_batch: bool = True,
     dynamic_shape: bool = True,
     schedule_as_input: bool = False,
+    per_sample: bool = False,
     overwrite: bool = False,
     batch: int = 2,
     text_len: int = 8,
@@ -257,9 +269,12 @@ def to_onnx(
     ``path`` with the bypass in the graph. As the UNet export: a patched model exports with its own
     schedule and span, ``schedule=`` with another schedule, an unpatched model with
     :func:`default_schedule` and the family's default span (with a warning); staged, checked with
-    ONNX Runtime at several timesteps, and only then renamed into place (kill-safe)."""
+    ONNX Runtime at several timesteps, and only then renamed into place (kill-safe). ``per_sample``:
+    the schedule is an input [batch, T], a schedule per sample, and Flux's ``img_ids``/``txt_ids``
+    take a batch dimension too (every input a serving engine batches has one)."""
     import onnx  # noqa: F401  (fail early with the install hint)
 
+    schedule_as_input = schedule_as_input or per_sample
     owner, _ = targets.find_owner(model, "to_onnx")
     family_name(owner)
     opset = DEFAULT_OPSET if opset is None else opset
@@ -279,7 +294,12 @@ def to_onnx(
         dtype = torch.float16 if fp16 else None
         wrapper = TransformerForExport(source, None if schedule_as_input else schedule).eval()
         named = export_inputs(source, batch=batch, text_len=text_len, dtype=dtype)
-        if schedule_as_input:
+        if per_sample:
+            named[SCHEDULE_NAME] = per_sample_check_table(schedule, batch)
+            for ids in ("img_ids", "txt_ids"):
+                if ids in named:
+                    named[ids] = named[ids].expand(batch, -1, -1).contiguous()
+        elif schedule_as_input:
             named[SCHEDULE_NAME] = schedule.table()
         patch = int(getattr(source.config, "patch_size", 1) or 1)
         dynamic = _dynamic_shapes(named, patch=patch, dynamic_batch=dynamic_batch, dynamic_shape=dynamic_shape)
@@ -303,7 +323,14 @@ def to_onnx(
             meta["latent_size"] = str(named["hidden_states"].shape[2])
         else:
             meta["image_tokens"] = str(named["hidden_states"].shape[1])
-        _finish_graph(staged, schedule, schedule_as_input=schedule_as_input, meta=meta, dim_names=_dim_names(named))
+        _finish_graph(
+            staged,
+            schedule,
+            schedule_as_input=schedule_as_input,
+            meta=meta,
+            dim_names=_dim_names(named),
+            per_sample=per_sample,
+        )
         files = sorted(n for n in os.listdir(stage.path) if n == name or n.startswith(name + "."))
         error = None
         if check:
@@ -313,7 +340,9 @@ def to_onnx(
             if not error <= limit:
                 raise RuntimeError(f"export check: ONNX Runtime differs from PyTorch by {error:.3g} (limit {limit:g})")
         published = stage.publish(files, overwrite=overwrite, graph=name)
-    return ExportResult(path, list(named), schedule, opset, fp16, schedule_as_input, published, error, text_len)
+    return ExportResult(
+        path, list(named), schedule, opset, fp16, schedule_as_input, published, error, text_len, per_sample
+    )
 
 
 def reference_output(model: nn.Module, named: dict) -> torch.Tensor:
@@ -392,15 +421,22 @@ class OnnxRuntimeTransformer:
         elif schedule is not None:
             raise ValueError("set_schedule: this graph has its schedule baked in; export with schedule_as_input=True")
 
+    @property
+    def per_sample(self) -> bool:
+        """Whether the graph takes a schedule per sample (``bypass_schedule`` [batch, T])."""
+        return len(self.input_shapes.get(SCHEDULE_NAME, ())) == 2
+
     def set_schedule(self, schedule) -> None:
+        """As :meth:`OnnxRuntimeUNet.set_schedule`: a schedule, or for a per-sample graph a list of schedules
+        (one per image) or a [rows, T] tensor."""
         if SCHEDULE_NAME not in self.input_shapes:
             raise ValueError("set_schedule: this graph has its schedule baked in; export with schedule_as_input=True")
-        table = schedule.table() if isinstance(schedule, BypassSchedule) else torch.as_tensor(schedule)
-        length = self.input_shapes[SCHEDULE_NAME][0]
-        if table.dtype != torch.float32 or table.dim() != 1 or (isinstance(length, int) and table.numel() != length):
+        table = schedule_table(schedule, per_sample=self.per_sample)
+        length = self.input_shapes[SCHEDULE_NAME][-1]
+        if table.dtype != torch.float32 or (isinstance(length, int) and table.shape[-1] != length):
             raise ValueError(f"set_schedule: expected a float32 table of length {length}, got {tuple(table.shape)}")
         self._table = table
-        self.schedule = schedule if isinstance(schedule, BypassSchedule) else None
+        self.schedule = schedule if isinstance(schedule, (BypassSchedule, list, tuple)) else None
 
     @contextlib.contextmanager
     def cache_context(self, name: str):
@@ -413,8 +449,10 @@ class OnnxRuntimeTransformer:
         return self
 
     def __call__(self, *args, return_dict: bool = True, **kwargs):
-        if args:
-            raise TypeError("the ONNX transformer takes its inputs by keyword, as diffusers pipelines pass them")
+        if len(args) == 1 and "hidden_states" not in kwargs:  # PixArt's pipelines pass the latents positionally
+            kwargs["hidden_states"] = args[0]
+        elif args:
+            raise TypeError("the ONNX transformer takes hidden_states and then keywords, as diffusers pipelines do")
         for name in list(kwargs):
             if name in self.input_shapes:
                 continue
@@ -433,7 +471,10 @@ class OnnxRuntimeTransformer:
             g = torch.as_tensor(kwargs["guidance"]).reshape(-1).float()
             kwargs["guidance"] = g.expand(batch) if g.numel() == 1 else g
         if SCHEDULE_NAME in self.input_shapes:
-            kwargs[SCHEDULE_NAME] = self._table
+            kwargs[SCHEDULE_NAME] = table_for_batch(self._table, batch) if self.per_sample else self._table
+        for ids in ("img_ids", "txt_ids"):  # a per-sample graph takes them with the batch dimension
+            if ids in kwargs and len(self.input_shapes[ids]) == 3 and torch.as_tensor(kwargs[ids]).dim() == 2:
+                kwargs[ids] = torch.as_tensor(kwargs[ids]).expand(batch, -1, -1)
         arrays = {
             name: torch.as_tensor(value).detach().to("cpu", self.input_dtypes[name]).contiguous().numpy()
             for name, value in kwargs.items()
