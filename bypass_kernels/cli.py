@@ -152,29 +152,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _image_grid(rows: list[torch.Tensor], path: str, labels: list[str]) -> None:
-    """Rows of images in [-1, 1] ([n, 3, H, W] each) into one PNG, a label above each row."""
-    from PIL import Image, ImageDraw
-
-    scale, pad, label_h = 4, 2, 14
-    n, _, h, w = rows[0].shape
-    cols = min(n, 16)
-    lines = (n + cols - 1) // cols
-    cell_w, cell_h = w * scale + pad, h * scale + pad
-    canvas = Image.new("RGB", (cols * cell_w + pad, len(rows) * (lines * cell_h + label_h) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    y0 = pad
-    for images, label in zip(rows, labels, strict=True):
-        draw.text((pad, y0), label, fill="black")
-        y0 += label_h
-        pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for i, array in enumerate(pixels):
-            tile = Image.fromarray(array).resize((w * scale, h * scale), Image.NEAREST)
-            canvas.paste(tile, (pad + (i % cols) * cell_w, y0 + (i // cols) * cell_h))
-        y0 += lines * cell_h
-    canvas.save(path)
-
-
 def _writable_folder(path: str) -> str:
     """Create ``path`` if needed and check a file can be written there, before any long work."""
     import tempfile
@@ -194,6 +171,7 @@ def cmd_generate(args) -> int:
     from bypass_kernels.experiments import datasets
     from bypass_kernels.experiments.metrics import group_counts
     from bypass_kernels.experiments.sampling import ddim_sample, seeded_noise
+    from bypass_kernels.plotting import image_grid
 
     created = not os.path.exists(args.out)
     _writable_folder(args.out)  # first: an unusable --out fails before any work
@@ -226,7 +204,7 @@ def cmd_generate(args) -> int:
     with bypass_kernels.patched(unet, schedule):
         bypassed = torch.cat([ddim_sample(unet, x, args.steps) for x in noise])
     path = os.path.join(args.out, "grid.png")
-    _image_grid([plain[:64], bypassed[:64]], path, ["without bypass", f"with bypass: {schedule!r}"])
+    image_grid([plain[:64], bypassed[:64]], path, ["without bypass", f"with bypass: {schedule!r}"])
     print(f"model {folder}, {args.n} samples, {args.steps} DDIM steps, seed {args.seed}")
     reader = datasets.reader_for(folder, dict(unet.config))
     if reader is not None:
@@ -237,6 +215,30 @@ def cmd_generate(args) -> int:
         for g in (*groups, "invalid"):
             print(f"{g:<{width}} {counts[0][g]:>8} {counts[1][g]:>8}")
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from bypass_kernels.experiments.sweep import DEFAULT_SCHEDULES, sweep
+
+    schedules = args.schedule or list(DEFAULT_SCHEDULES)
+    for spec in schedules:  # a bad spec fails before the model loads
+        BypassSchedule.parse(spec)
+    _writable_folder(args.out)
+    result = sweep(
+        args.model,
+        schedules,
+        out=args.out,
+        n=args.n,
+        steps=args.steps,
+        seed=args.seed,
+        prompt=args.prompt,
+        device=str(_device(args.device)),
+    )
+    print(f"model {args.model}: {len(schedules)} schedules x {args.n} seeds (from {args.seed}), one batched call")
+    for i, label in enumerate(result.labels):
+        print(f"row {i + 1}: {label}")
+    print(f"wrote {result.path}")
     return 0
 
 
@@ -388,6 +390,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_seed, default=0, help="seed of the initial noise")
     gen.add_argument("--device", type=_device_name, default="auto", help=DEVICE_HELP)
     gen.set_defaults(func=cmd_generate)
+
+    sweep = command(
+        "sweep",
+        "schedules side by side from the same seeds, in one batched call",
+        "Denoise the same seeds under each schedule in one batched call (a schedule per sample) and write "
+        "OUT/sweep.png, a row per schedule. Offline on the shipped models; a diffusers pipeline folder with --prompt.",
+    )
+    sweep.add_argument(
+        "--model",
+        default="shapes",
+        help="a shipped model (shapes, the default; digits), a local UNet2DModel folder or a pipeline folder",
+    )
+    sweep.add_argument(
+        "--schedule",
+        action="append",
+        help=SCHEDULE_HELP + " Repeat for each row (default: off, linear:0.15:500, default, linear:0.6:500, "
+        "constant:0.3)",
+    )
+    sweep.add_argument("--n", type=_positive_int, default=8, help="seeds (columns) per schedule")
+    sweep.add_argument("--steps", type=_positive_int, default=25, help="sampling steps")
+    sweep.add_argument("--seed", type=_seed, default=0, help="column i starts from seed + i")
+    sweep.add_argument("--prompt", default=None, help="the prompt, for a text-to-image pipeline folder")
+    sweep.add_argument("--out", default="sweep", help="output folder (sweep.png is written there)")
+    sweep.add_argument("--device", type=_device_name, default="auto", help=DEVICE_HELP)
+    sweep.set_defaults(func=cmd_sweep)
 
     info = command("info", "backends available here", "Which blend backends run here, why a missing one is missing.")
     info.add_argument("--json", action="store_true", help="print the report as JSON (for scripts)")
