@@ -78,15 +78,16 @@ def build(name: str, device, dtype) -> torch.nn.Module:
     return model.to(device=device, dtype=dtype).eval()
 
 
-def inputs(name: str, model, device, dtype) -> dict:
-    """One step's keyword arguments; ``timestep`` is a [batch] float32 buffer the loop refills."""
+def inputs(name: str, model, device, dtype, batch: int | None = None) -> dict:
+    """One step's keyword arguments; ``timestep`` is a [batch] float32 buffer the loop refills. ``batch``:
+    the preset's unless given."""
     class_name, config, shape = PRESETS[name]
     gen = torch.Generator(device="cpu").manual_seed(1)
 
     def rand(*size):
         return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
 
-    b = shape["batch"]
+    b = shape["batch"] if batch is None else batch
     if class_name == "FluxTransformer2DModel":
         n, L = shape["image_tokens"], shape["text_tokens"]
         return dict(

@@ -4,6 +4,7 @@ committed H200 run, the pytest plugin that selects GPU tests, and gpu_check.sh's
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -317,3 +318,34 @@ def test_a_variant_whose_precheck_fails_gets_a_row(monkeypatch):
     inputs = {"sample": torch.ones(2, 3), "timestep": torch.full((), 999.0)}
     result = unet_step.measure_mode({"unpatched": Toy(), "b": Toy(fail=True)}, inputs, "eager", torch.device("cpu"))
     assert result["status"] == {"unpatched": "ok", "b": "error: RuntimeError: capture"}
+
+
+def test_per_sample_benchmark_rows(tmp_path):
+    """One round of each row of benchmarks/per_sample.py on the CPU: the op with a [T] and a [8, T] table,
+    the step with 8 schedules against one shared and against 8 calls; overhead against the shared one."""
+    import per_sample
+
+    out = tmp_path / "per_sample.csv"
+    assert (
+        per_sample.main(
+            [
+                "--device",
+                "cpu",
+                "--models",
+                "tiny-flux",
+                "--op-sizes",
+                "sd15_mid_b8",
+                "--rounds",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    with open(out, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    variants = {(r["kind"], r["variant"]) for r in rows}
+    assert ("op", "2-D table, a row per sample") in variants and ("step", "batch 8, 8 schedules") in variants
+    step = next(r for r in rows if r["variant"] == "batch 8, 8 schedules")
+    assert step["target_pct"] == "2" and float(step["median_us"]) > 0 and step["overhead_pct"] != ""
