@@ -6,23 +6,47 @@ device; a missing extension only records why it is missing.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 
 import torch
 
 OP_NAME = "bypass_kernels::blend_"
+BUILD_HINT = "rebuild with `pip install --no-build-isolation -e .` (a C++ compiler; nvcc and a CUDA torch for CUDA)"
+
+
+def build_report() -> dict | None:
+    """What the last build of the extension built and what failed, with the reasons (written by setup.py
+    beside the extension); None where there is no report (an older build, or none)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_report.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def build_failure(kernel: str) -> str | None:
+    """Why ``kernel`` ("cpu" or "cuda") failed to build, from the build report, else None."""
+    return ((build_report() or {}).get("failed") or {}).get(kernel)
+
 
 load_error: str | None = None
 if os.environ.get("BYPASS_KERNELS_DISABLE_NATIVE", "0").lower() in ("1", "true", "yes", "on"):
     load_error = "disabled by BYPASS_KERNELS_DISABLE_NATIVE"
+elif importlib.util.find_spec("bypass_kernels._C") is None:
+    failure = build_failure("cpu")
+    load_error = (
+        "the native extension bypass_kernels._C is not installed ("
+        + (f"its build failed: {failure}" if failure else "it was not built: no C++ compiler or torch at build time")
+        + f"); {BUILD_HINT}"
+    )
 else:
     try:
         from bypass_kernels import _C  # loading it runs the TORCH_LIBRARY registrations
     except ImportError as exc:
-        load_error = (
-            f"native extension not built or not loadable ({exc}); build it with "
-            "`pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for the CUDA kernel)"
-        )
+        load_error = f"the native extension bypass_kernels._C is installed but does not load ({exc}); {BUILD_HINT}"
 
 loaded = load_error is None
 eager_blend_ = _C.eager_blend_ if loaded else None  # the op through the dispatcher's unboxed path

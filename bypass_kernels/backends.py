@@ -65,6 +65,9 @@ def _cuda_unavailable(device_type: str | None) -> str | None:
     if not _native.loaded:
         return _native.load_error
     if not _native.has_kernel("CUDA"):
+        failure = _native.build_failure("cuda")
+        if failure is not None:
+            return f"the CUDA kernel failed to build ({failure}); the CPU kernel was built. {_native.BUILD_HINT}"
         return (
             "the native extension was built without its CUDA kernel (build needs a CUDA build of torch and nvcc; "
             "BYPASS_KERNELS_SKIP_CUDA unset)"

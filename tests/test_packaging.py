@@ -1,6 +1,7 @@
 """Install: the shipped models are declared package data; the Makefile installs numpy with torch and says
 what each long step does."""
 
+import json
 import os
 import re
 import shutil
@@ -86,3 +87,69 @@ def test_make_says_what_each_long_step_does():
             assert lines[i - 1].startswith("@echo"), line  # and a line before it says what comes
     (build_note,) = (line for line in lines if line.startswith("@echo") and "extension" in line)
     assert "few minutes" in build_note
+
+
+def test_a_cuda_kernel_that_cannot_build_leaves_the_cpu_kernel_and_says_why(tmp_path):
+    """A CUDA toolkit whose build fails (here: nvcc with a CPU build of torch, whose CUDA headers and
+    libraries are absent) used to drop the whole extension, CPU kernel included, with pip saying
+    "Successfully built". The extension is built again without CUDA, the build ends with what failed
+    and the way out, and info() gives the reason."""
+    from torch.utils import cpp_extension
+
+    if cpp_extension._find_cuda_home() is None:
+        pytest.skip("no CUDA toolkit (nvcc) on this machine")
+    if torch_cuda_build():
+        pytest.skip("a CUDA build of torch: the CUDA kernel would build")
+    source = _clean_source(tmp_path)
+    env = {**os.environ, "BYPASS_KERNELS_FORCE_CUDA": "1", "MAX_JOBS": "2"}
+    env.pop("BYPASS_KERNELS_REQUIRE_NATIVE", None)
+    wheel = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-v",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "w"),
+            ".",
+        ],
+        cwd=source,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert wheel.returncode == 0, wheel.stderr[-3000:]
+    printed = wheel.stdout + wheel.stderr  # pip -v shows the build's output
+    assert "bypass_kernels: built the CPU kernel" in printed
+    assert "the CUDA kernel failed to build" in printed and "BYPASS_KERNELS_SKIP_CUDA=1" in printed
+    (path,) = (tmp_path / "w").glob("*.whl")
+    with zipfile.ZipFile(path) as archive:
+        assert any(re.fullmatch(r"bypass_kernels/_C\..*\.so", n) for n in archive.namelist())
+    target = tmp_path / "target"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(path)],
+        check=True,
+        timeout=300,
+    )
+    probe = "import json, bypass_kernels; print(json.dumps(bypass_kernels.info()['backends']))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    backends = json.loads(out.stdout.strip().splitlines()[-1])
+    assert backends["cpu"]["available"] and "the CUDA kernel failed to build" in backends["cuda"]["reason"]
+
+
+def torch_cuda_build() -> bool:
+    import torch
+
+    return torch.version.cuda is not None
