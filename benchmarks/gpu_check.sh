@@ -5,11 +5,14 @@
 # Steps, most important first: install the package as docs/install.md does (against the machine's torch,
 # no build isolation, so bypass_kernels.export imports), GPU tests (junit xml), microbenchmarks and
 # the host cost of blend_, UNet step (SD1.5: CUDA graph and eager; SD1.5: reduce-overhead and
-# default compile; SDXL: CUDA graph), then the verdict (benchmarks/verdict.py). The SD1.5 compiles
+# default compile; SDXL: CUDA graph), a schedule per sample (op and step, benchmarks/per_sample.py),
+# then the verdict (benchmarks/verdict.py). The SD1.5 compiles
 # happen first in the background, during the build and the tests, and are awaited before anything
 # is timed. Each step is independent: its failure or time-out is logged and the next one runs. Each
-# has its own cap and all share GPU_CHECK_BUDGET_S (default 390 s: the whole run, install included, fits in about 7 minutes).
-# Files in $OUT (8): gpu_check.log build.log gpu_tests.xml compile_facts.xml microbench.csv host_cost.csv unet_step.csv verdict.md.
+# has its own cap and all share GPU_CHECK_BUDGET_S (default 450 s: the whole run, install included, fits in about 8 minutes).
+# Files in $OUT (8): gpu_check.log gpu_tests.xml compile_facts.xml microbench.csv host_cost.csv unet_step.csv per_sample.csv
+# verdict.md (the build's log stays in /tmp/build.log; its bypass_kernels lines, errors and, on a failure, its
+# last lines go into gpu_check.log).
 # Without a CUDA GPU (a dry run, e.g. `OUT=/tmp/x bash benchmarks/gpu_check.sh`) every GPU step is
 # reported as skipped and the verdict table is still printed.
 set -uo pipefail
@@ -19,7 +22,7 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/gpu_check.log") 2>&1
-deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-390}))
+deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-450}))
 summary=()
 stamp() { echo "== $(date -u +%H:%M:%S) (+${SECONDS}s) $*"; }
 
@@ -81,12 +84,13 @@ install_package() {
   cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${cap:-9.0}}
   PIP_BREAK_SYSTEM_PACKAGES=1 BYPASS_KERNELS_REQUIRE_NATIVE=1 MAX_JOBS=${MAX_JOBS:-16} \
-    "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1
+    "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e . >/tmp/build.log 2>&1
   local rc=$?
-  grep -E "^bypass_kernels:|error|Successfully installed" "$OUT/build.log" | tail -20
+  grep -E "^\s*bypass_kernels:|error|Successfully installed" /tmp/build.log | tail -20
   if ((rc != 0)); then  # still give the benchmarks the kernels: an in-place build (no export mapping)
+    tail -40 /tmp/build.log
     echo "pip install failed (exit $rc): building the extension in place instead"
-    BYPASS_KERNELS_REQUIRE_NATIVE=1 MAX_JOBS=${MAX_JOBS:-16} "$PY" setup.py -q build_ext --inplace >>"$OUT/build.log" 2>&1
+    BYPASS_KERNELS_REQUIRE_NATIVE=1 MAX_JOBS=${MAX_JOBS:-16} "$PY" setup.py -q build_ext --inplace >>/tmp/build.log 2>&1
   fi
   return $rc
 }
@@ -143,6 +147,8 @@ step "UNet step: SD1.5 compiled, reduce-overhead and default mode" 150 unet --mo
 step "UNet step: SDXL, CUDA graph, every variant" 60 unet --models sdxl --modes cuda_graph
 step "Transformer step: Flux and SD3.5 at full width (fewer blocks), CUDA graph and eager" 60 \
   unet --models flux-reduced sd35-reduced --modes cuda_graph eager
+step "A schedule per sample: blend_ with [8, T] vs [T], and a batch of 8 with 8 schedules (SD1.5, Flux)" 60 \
+  "$PY" benchmarks/per_sample.py --models sd15 flux-reduced --rounds 7 --out "$OUT/per_sample.csv"
 
 stamp "verdict"
 {
