@@ -48,6 +48,7 @@ patched) finds its module no longer of its class and runs the module's present f
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import threading
 import weakref
@@ -419,6 +420,10 @@ def _with_forward(base: type, role: Role, namespace: dict) -> type:
     if role.kind is not None:
         forward.__name__ = forward.__qualname__ = "forward"
         forward.__doc__ = base.forward.__doc__
+        # the block's own parameters for inspect.signature (hooks that find arguments by name read it:
+        # diffusers' context-parallel plans)
+        with contextlib.suppress(TypeError, ValueError):
+            forward.__signature__ = inspect.signature(base.forward)
         namespace["forward"] = forward
     marker = type(base.__name__, (base,), namespace)
     return marker

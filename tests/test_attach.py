@@ -662,3 +662,21 @@ def test_a_patched_model_of_another_class_called_inside_keeps_the_outer_bypass()
             handle.remove()
     assert torch.equal(got, expected)
     assert torch.equal(seen[0], inner_alone)
+
+
+def test_attached_classes_keep_the_signature_of_their_base_forward():
+    """Hooks that find a block's arguments by name (diffusers' context-parallel plans: "Parameter
+    'hidden_states' not found in function signature") read inspect.signature of the forward."""
+    import inspect
+
+    import tiny_transformers as tt
+
+    unet, wan = build_unet("tiny-sd"), tt.build("wan")
+    modules = [unet.mid_block, unet.time_proj, wan.blocks[0], wan.blocks[1], wan.condition_embedder]
+    before = [(inspect.signature(m.forward), inspect.signature(type(m).forward)) for m in modules]
+    patch(unet)
+    patch(wan, span=(0, 1))
+    assert all(type(m).__dict__.get("_bypass_base") for m in modules)  # each has an attached class
+    assert [(inspect.signature(m.forward), inspect.signature(type(m).forward)) for m in modules] == before
+    unpatch(unet)
+    unpatch(wan)
