@@ -8,7 +8,16 @@ compile-, CUDA-graph- and export-safe.
 
 from bypass_kernels.backends import BackendUnavailableError, info
 from bypass_kernels.ops import blend, blend_, blend_reference
-from bypass_kernels.patching import get_schedule, is_patched, patch, patched, per_sample, set_schedule, unpatch
+from bypass_kernels.patching import (
+    describe,
+    get_schedule,
+    is_patched,
+    patch,
+    patched,
+    per_sample,
+    set_schedule,
+    unpatch,
+)
 from bypass_kernels.schedule import BypassSchedule, default_schedule
 
 __version__ = "0.1.0"
@@ -21,6 +30,7 @@ __all__ = [
     "blend_",
     "blend_reference",
     "default_schedule",
+    "describe",
     "get_schedule",
     "info",
     "is_patched",

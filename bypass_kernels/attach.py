@@ -113,6 +113,11 @@ class Span:
     def __post_init__(self):
         object.__setattr__(self, "single", len(self.streams) == 1 and self.streams[0].output_index is None)
 
+    def __repr__(self) -> str:  # class names, not the modules' own (long) reprs
+        blocks = type(self.first).__name__ if self.first is self.last else f"{len(self.modules)} blocks"
+        streams = ", ".join(s.name + ("" if s.blend else " (passed through)") for s in self.streams)
+        return f"Span({blocks}; {streams})"
+
 
 @dataclass(frozen=True)
 class Carrier:
@@ -123,6 +128,10 @@ class Carrier:
     arg: tuple[str, int] = ("timestep", 1)
     offset: float = 0.0  # Mochi's model receives 1000 − t: offset 1000, scale −1
     first_half: bool = False  # QwenImage with zero_cond_t embeds [t, 0·t] (the image, its reference): λ from t
+
+    def __repr__(self) -> str:
+        where = type(self.module).__name__ if self.module is not None else f"the model's {self.arg[0]!r} argument"
+        return f"Carrier({where}, scale={self.scale:g}, offset={self.offset:g})"
 
 
 # --------------------------------------------------------------------- the roles
@@ -591,7 +600,10 @@ class BypassController:
         self._recompute = WeakIdKeyDictionary()
 
     def __repr__(self) -> str:
-        return f"BypassController(schedule={self.schedule!r}, backend={self.backend!r})"
+        return (
+            f"BypassController({type(self.owner).__name__}, span={self.span!r}, timestep={self.carrier!r}, "
+            f"schedule={self.schedule!r}, backend={self.backend!r})"
+        )
 
     # ----------------------------------------------------------------- what the roles call
     def owner_frame(self) -> int | None:

@@ -28,6 +28,7 @@ from bypass_kernels.schedule import BypassSchedule, default_schedule
 
 __all__ = [
     "BypassController",
+    "describe",
     "get_schedule",
     "is_patched",
     "patch",
@@ -369,6 +370,62 @@ def unpatch(model):
             _detach(owner)
     _unlink(pipeline)
     return model
+
+
+def describe(model) -> str:
+    """What a patch covers, in words: for each patched model (a pipeline may hold two), the blocks of the
+    span and the streams blended, where the timestep is read and at what scale, the schedule (with λ at
+    a few timesteps), the backend, and the pipeline whose scheduler is checked. An unpatched model says so."""
+    try:
+        owners, _ = targets.models_of(model, "describe")
+    except TypeError as exc:
+        return str(exc)
+    parts = []
+    for owner in owners:
+        controller = owner.__dict__.get(_ATTR)
+        if not isinstance(controller, BypassController):
+            parts.append(f"{type(owner).__name__}: not patched")
+            continue
+        names = {module: name for name, module in owner.named_modules()}
+        span = controller.span
+        first, last = names.get(span.first, type(span.first).__name__), names.get(span.last, type(span.last).__name__)
+        where = first if span.first is span.last else f"{first} .. {last} ({len(span.modules)} blocks)"
+        streams = ", ".join(s.name + (" (blended)" if s.blend else " (passed through)") for s in span.streams)
+        carrier = controller.carrier
+        if carrier.module is not None:
+            read = f"the first argument of {names.get(carrier.module, type(carrier.module).__name__)}"
+        else:
+            read = f"the model's argument {carrier.arg[0]!r}"
+        term = "t" if abs(carrier.scale) == 1.0 else f"{abs(carrier.scale):g}·t"
+        if carrier.offset:
+            units = f"table index = {carrier.offset:g} {'-' if carrier.scale < 0 else '+'} {term}"
+        else:
+            units = f"table index = {'-' if carrier.scale < 0 else ''}{term}"
+        schedule = controller.schedule
+        T = schedule.num_train_timesteps
+        samples = ", ".join(f"λ({t}) = {schedule.weight(t):.3g}" for t in (T - 1, (3 * T) // 4, T // 2, T // 4, 0))
+        device = _model_device(owner)
+        try:
+            kernel = backends.resolve(controller.backend, device) if device.type != "meta" else "(on its device)"
+        except Exception as exc:  # a backend that cannot run where the model now is
+            kernel = f"unavailable here ({exc})"
+        linked = controller.pipeline
+        checked = f"{type(linked).__name__}'s scheduler" if linked is not None else "none (patched as a bare model)"
+        parts.append(
+            "\n".join(
+                [
+                    f"{type(owner).__name__}: patched by bypass_kernels",
+                    f"  span: {where}",
+                    f"  streams: {streams}",
+                    f"  timestep: {read} ({units})",
+                    f"  schedule: {schedule!r}",
+                    f"            {samples}",
+                    f"  backend: {controller.backend} ({kernel} on {device.type})",
+                    f"  scheduler check: {checked}",
+                ]
+            )
+        )
+    return "\n".join(parts)
 
 
 def is_patched(model) -> bool:

@@ -274,3 +274,27 @@ def test_a_copied_controller_keeps_nothing_for_recomputation():
     assert len(model._bypass._recompute) == 1
     assert len(copy.deepcopy(model)._bypass._recompute) == 0
     unpatch(model)
+
+
+# --------------------------------------------------------------------- what a patch covers
+def test_describe_says_what_a_patch_covers_and_the_repr_names_no_module_contents():
+    model = tt.build("mochi")
+    assert bypass_kernels.describe(model) == "MochiTransformer3DModel: not patched"
+    patch(model, HALF, span=(0, 1), streams="image")
+    text = bypass_kernels.describe(model)
+    for part in (
+        "span: transformer_blocks.0 .. transformer_blocks.1 (2 blocks)",
+        "streams: hidden_states (blended), encoder_hidden_states (passed through)",
+        "timestep: the first argument of time_embed (table index = 1000 - t)",  # Mochi receives 1000 − t
+        "λ(999) = 0.5",
+        "backend: auto",
+        "scheduler check: none (patched as a bare model)",
+    ):
+        assert part in text, (part, text)
+    assert len(repr(model._bypass)) < 400 and "Linear(" not in repr(model._bypass)
+    unpatch(model)
+    pipe = wan_pipeline()
+    patch(pipe, HALF)
+    text = bypass_kernels.describe(pipe)
+    assert text.count("WanTransformer3DModel: patched") == 2 and "scheduler check: WanPipeline's scheduler" in text
+    unpatch(pipe)
