@@ -19,6 +19,7 @@ Training-free mid-block bypass for diffusion models: m' = (1 - λ(t))·m + λ(t)
 commands:
   run       patch a UNet and run a short DDIM loop, printing timestep, λ and time per step
   generate  images with and without the bypass from a shipped model, offline, with per-group counts
+  sweep     schedules side by side from the same seeds, in one batched call, as a labelled grid
   info      which blend backends run here, and why a missing one is missing
   schedule  print a schedule's λ table (and plot it with --plot FILE.png)
   export    export a patched UNet to ONNX (and a TensorRT engine) with the schedule baked in
@@ -405,13 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--schedule",
         action="append",
-        help=SCHEDULE_HELP + " Repeat for each row (default: off, linear:0.15:500, default, linear:0.6:500, "
+        help=SCHEDULE_HELP + ". Repeat for each row (default: off, linear:0.15:500, default, linear:0.6:500, "
         "constant:0.3)",
     )
     sweep.add_argument("--n", type=_positive_int, default=8, help="seeds (columns) per schedule")
     sweep.add_argument("--steps", type=_positive_int, default=25, help="sampling steps")
     sweep.add_argument("--seed", type=_seed, default=0, help="column i starts from seed + i")
-    sweep.add_argument("--prompt", default=None, help="the prompt, for a text-to-image pipeline folder")
+    sweep.add_argument("--prompt", default=None, help="the prompt, for a text-to-image pipeline folder (default: none)")
     sweep.add_argument("--out", default="sweep", help="output folder (sweep.png is written there)")
     sweep.add_argument("--device", type=_device_name, default="auto", help=DEVICE_HELP)
     sweep.set_defaults(func=cmd_sweep)

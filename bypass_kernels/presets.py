@@ -12,7 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PRESETS", "Preset", "build_unet", "example_inputs", "load_unet"]
+from bypass_kernels.transformer_presets import TRANSFORMER_PRESETS, build_transformer, transformer_inputs
+
+__all__ = [
+    "PRESETS",
+    "TRANSFORMER_PRESETS",
+    "Preset",
+    "build_transformer",
+    "build_unet",
+    "example_inputs",
+    "load_unet",
+    "transformer_inputs",
+]
 
 
 @dataclass(frozen=True)
