@@ -218,7 +218,7 @@ def test_two_threads_with_their_own_schedules_get_their_own_results():
 
         def work(name, results=results, barrier=barrier, run_model=run_model):
             barrier.wait()
-            for _ in range(3):
+            for _ in range(2):
                 with per_sample(model, orders[name]):
                     results[name] = tt.run(run_model, kwargs)
 
