@@ -299,6 +299,13 @@ def _span_indices(span, names: list[str], family: Family, model: str, caller: st
 
     if span is None:
         return default_span(n)
+    if isinstance(span, str) and span not in presets and span not in names:
+        families = sorted(cls for cls, f in TRANSFORMERS.items() if any(p == span for p, _, _ in f.presets))
+        if families:
+            raise ValueError(
+                f"bypass_kernels.{caller}: span preset {span!r} is for {', '.join(families)}, not {model} "
+                f"(its presets: {', '.join(presets) or 'none'}); give this model's blocks as indices or names"
+            )
     if isinstance(span, str) and span in presets:
         i, j = presets[span]
         if j >= n:

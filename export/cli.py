@@ -92,7 +92,8 @@ def _prepare_out(folder: str, names: list[str], overwrite: bool) -> tuple[str, b
             raise PermissionError(f"--out: {folder!r} is not writable")
         existing = [n for n in names if os.path.lexists(os.path.join(folder, n))]
         if existing and not overwrite:
-            raise FileExistsError(f"--out: {', '.join(existing)} exist(s) in {folder}; pass --overwrite to replace")
+            verb = "exists" if len(existing) == 1 else "exist"
+            raise FileExistsError(f"--out: {', '.join(existing)} {verb} in {folder}; pass --overwrite to replace")
     except BaseException:
         _remove_if_created(folder, created)
         raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -102,6 +103,20 @@ def trace_to_onnx(wrapper: nn.Module, inputs: dict, path: str, *, dynamic_shapes
     """``wrapper(**inputs)`` to an ONNX graph at ``path`` (torch.export, weights in an external data
     file), inputs named as the keys of ``inputs``, the output :data:`OUTPUT_NAME`. ``options`` go to
     ``torch.onnx.export`` (a transformer's custom translations)."""
+    # torch.onnx's own notes (e.g. "torchvision is not installed. Skipping torchvision::nms") are not the
+    # user's business: its loggers are quiet for the export
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        _export(wrapper, inputs, path, dynamic_shapes=dynamic_shapes, opset=opset, **options)
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _export(wrapper: nn.Module, inputs: dict, path: str, *, dynamic_shapes, opset: int, **options) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(

@@ -211,7 +211,8 @@ class Staging:
                 existing = [n for n in order if os.path.lexists(os.path.join(self.folder, n))]
                 if existing:
                     raise FileExistsError(
-                        f"{', '.join(os.path.join(self.folder, n) for n in existing)} exist(s); "
+                        f"{', '.join(os.path.join(self.folder, n) for n in existing)} "
+                        f"{'exists' if len(existing) == 1 else 'exist'}; "
                         "pass overwrite=True (CLI: --overwrite) to replace"
                     )
             old_data = external_data_files(os.path.join(self.folder, graph)) if graph else set()

@@ -298,3 +298,10 @@ def test_describe_says_what_a_patch_covers_and_the_repr_names_no_module_contents
     text = bypass_kernels.describe(pipe)
     assert text.count("WanTransformer3DModel: patched") == 2 and "scheduler check: WanPipeline's scheduler" in text
     unpatch(pipe)
+
+
+def test_a_span_preset_of_another_family_names_the_families_it_is_for():
+    with pytest.raises(ValueError, match=r"preset 'stg' is for .*WanTransformer3DModel.*its presets: sd3.5-slg"):
+        patch(tt.build("sd3"), span="stg")
+    with pytest.raises(ValueError, match=r"'sd3.5-slg' is for SD3Transformer2DModel, not .*its presets: none"):
+        patch(tt.build("flux"), span="sd3.5-slg")
