@@ -201,6 +201,13 @@ def test_compiled_per_sample_changes_no_guard_but_the_number_of_rows():
     with per_sample(model, SCHEDULES[::-1]):  # other values, same shape: the same code
         torch.testing.assert_close(tt.run(compiled, kwargs), expected_reversed, rtol=1e-5, atol=1e-6)
     assert counter.frame_count == frames
+    # another number of rows comes with another batch: one recompile, as for the batch alone (then dynamic)
+    two = tt.inputs("flux", [0.7, 0.4], batch=2)
+    with per_sample(model, SCHEDULES[1:]):
+        tt.run(compiled, two)
+    with per_sample(model, SCHEDULES[:2]):
+        tt.run(compiled, two)
+    assert counter.frame_count == frames + 1
     torch._dynamo.reset()
     unpatch(model)
 
