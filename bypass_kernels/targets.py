@@ -123,7 +123,7 @@ def models_of(model, caller: str = "patch") -> tuple[list[nn.Module], object | N
             pipeline, found = model, [model.unet]
         elif transformers:  # either may be None (Wan 2.2 pipelines load with transformer=None)
             pipeline, found = model, transformers
-    found = [getattr(m, "_orig_mod", m) for m in found]  # a torch.compile'd module: patch the original
+    found = [_unwrapped(m) for m in found]
     for m in found:
         if not isinstance(m, nn.Module) or not (hasattr(m, "mid_block") or _family(m) is not None):
             raise TypeError(
@@ -132,6 +132,22 @@ def models_of(model, caller: str = "patch") -> tuple[list[nn.Module], object | N
                 "a mid-block nor known transformer blocks"
             )
     return found, pipeline
+
+
+def _unwrapped(model):
+    """The model inside a wrapper: a torch.compile'd module's ``_orig_mod``, or the ``module`` an engine's
+    wrapper forwards to (xDiT's transformer wrappers, DataParallel-style), while the wrapper itself is no
+    model this package knows."""
+    for _ in range(8):
+        if isinstance(model, nn.Module) and (_family(model) is not None or "mid_block" in model._modules):
+            return model
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = model._modules.get("module") if isinstance(model, nn.Module) else None
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
 
 
 def find_owner(model, caller: str = "patch") -> tuple[nn.Module, object | None]:

@@ -315,3 +315,33 @@ def test_a_scheduler_whose_timesteps_cannot_be_told_is_refused_not_accepted():
     unpatch(pipe)
     patch(pipe.transformer)  # the model alone: no scheduler, no check
     unpatch(pipe)
+
+
+class EngineWrapper(torch.nn.Module):
+    """A transformer wrapped the way parallel engines wrap one (xDiT): the model as ``module``, attributes
+    forwarded through __getattr__, the call passed on."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def test_a_transformer_behind_an_engines_wrapper_is_patched_inside_it():
+    pipe, generate = sana_sprint()
+    plain = generate()
+    inner = pipe.transformer
+    pipe.transformer = EngineWrapper(inner)
+    patch(pipe, BypassSchedule.constant(0.5))
+    assert bypass_kernels.is_patched(pipe) and bypass_kernels.is_patched(inner)
+    assert not torch.allclose(generate(), plain, atol=1e-4)  # the wrapper calls the patched model
+    unpatch(pipe)
+    assert not bypass_kernels.is_patched(inner) and torch.equal(generate(), plain)
