@@ -51,6 +51,7 @@ import contextlib
 import inspect
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -438,6 +439,21 @@ def _with_forward(base: type, role: Role, namespace: dict) -> type:
     return marker
 
 
+def _diffusers_innermost(module: nn.Module, base: type) -> list[tuple[object, str]] | None:
+    """Where diffusers' hook chain on ``module`` (its ``_diffusers_hook`` registry, which replaces the
+    instance's ``forward``) calls the class forward it found when the first hook was registered: (the
+    function reference, its attribute), or None where the module has no such chain."""
+    refs = getattr(module.__dict__.get("_diffusers_hook"), "_fn_refs", None)
+    if not refs:
+        return None
+    found = []
+    for name in ("forward", "original_forward"):
+        fn = getattr(refs[0], name, None)
+        if getattr(fn, "__self__", None) is module and getattr(fn, "__func__", None) is base.forward:
+            found.append((refs[0], name))
+    return found or None
+
+
 def _reduce_marked(self, protocol):
     # Pickle and deepcopy name the base class (importable) and the role, then rebuild the class on load.
     _, _, *rest = object.__reduce_ex__(self, max(protocol, 2))
@@ -500,6 +516,7 @@ class BypassController:
         self._pipeline: Callable | None = None  # weakref to the pipeline patched through, if any
         self._handles: list = []
         self._swapped: list[tuple[nn.Module, type, Role]] = []  # (module, its base class, its role): picklable
+        self._rebound: list[tuple] = []  # (diffusers hook function reference, attribute, its forward before)
         self._owner_codes = forward_codes(owner)
         # block j's input tensor -> (timestep, span input, tables) while checkpointing (see keep_for_recompute)
         self._recompute = WeakIdKeyDictionary()
@@ -591,6 +608,7 @@ class BypassController:
     def __getstate__(self):
         state = self.__dict__.copy()
         del state["_owner_codes"], state["_recompute"]
+        state["_rebound"] = []  # the copy's hook chains are the copied module's (its forward was deep-copied)
         state["_pipeline"] = None
         return state
 
@@ -652,21 +670,31 @@ class BypassController:
 
     def _attach_class(self, module: nn.Module, roles: tuple | None, role: Role) -> bool:
         """Give ``module`` the attached class of ``role``; False (nothing changed) where it has a forward of
-        its own (an offloading wrapper's, say), which a class forward would never be reached through."""
-        if "forward" in module.__dict__ and roles is not None:
-            return False
+        its own (an offloading wrapper's, say), which a class forward would never be reached through, unless
+        that forward is a chain of diffusers' hooks ending in the class forward: the chain is made to end
+        in the attached one, so the roles run inside the hooks (a context-parallel plan's split happens
+        before the span keeps its input)."""
         base = parametrize.type_before_parametrizations(module)
+        innermost = _diffusers_innermost(module, base) if "forward" in module.__dict__ else None
+        if "forward" in module.__dict__ and roles is not None and innermost is None:
+            return False
         cls = marker_class(base, role)
         _set_class_below_parametrizations(module, cls)
         self._swapped.append((module, base, role))
         if roles is not None:
             module.__dict__[_ROLES] = roles
+        for ref, name in innermost or ():
+            self._rebound.append((ref, name, getattr(ref, name)))
+            setattr(ref, name, types.MethodType(cls.forward, module))  # bound to the attached forward
         return True
 
     def remove(self) -> None:
         for handle in reversed(self._handles):
             handle.remove()
         self._handles = []
+        for ref, name, original in reversed(self._rebound):
+            setattr(ref, name, original)
+        self._rebound = []
         if self.span.last.__dict__.get(_TABLES) is self._tables:
             del self.span.last.__dict__[_TABLES]
         for module, base, role in reversed(self._swapped):

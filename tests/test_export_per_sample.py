@@ -6,7 +6,7 @@ import onnx
 import pytest
 import tiny_pipelines
 import torch
-from bypass_kernels.export import OnnxRuntimeTransformer, OnnxRuntimeUNet, default_profile, to_onnx, transformers
+from bypass_kernels.export import OnnxRuntimeTransformer, OnnxRuntimeUNet, default_profile, to_onnx
 from bypass_kernels.export.onnx_export import SCHEDULE_NAME
 from tiny_models import graph_unet
 
@@ -81,7 +81,7 @@ def test_dit_graphs_with_a_schedule_per_sample_batch_every_input(tmp_path):
     name = "flux"
     pipe = tiny_pipelines.DIT_PIPELINES[name](tmp_path)
     patch(pipe)
-    result = transformers.to_onnx(pipe.transformer, str(tmp_path / "t.onnx"), per_sample=True)
+    result = to_onnx(pipe.transformer, str(tmp_path / "t.onnx"), per_sample=True)
     dims = input_dims(result.path)
     assert all(shape[0] == "batch" for shape in dims.values()), dims
     call = tiny_pipelines.DIT_CALL[name]

@@ -78,7 +78,17 @@ def test_export_exposes_only_what_users_call():
 def test_tiny_test_models_live_in_tests():
     for name in ("TINY_MODELS", "build_tiny_model", "tiny_model_inputs", "FRAME_DIM", "_TINY_SVD"):
         assert not hasattr(presets, name), name
-    assert set(presets.__all__) == {"PRESETS", "Preset", "build_unet", "example_inputs", "load_unet"}
+    assert set(presets.__all__) == {
+        "PRESETS",
+        "Preset",
+        "build_unet",
+        "example_inputs",
+        "load_unet",
+        # the tiny transformers are public (for trying spans offline), built from presets the tests use too
+        "TRANSFORMER_PRESETS",
+        "build_transformer",
+        "transformer_inputs",
+    }
     from tiny_models import TINY_MODELS
 
     assert TINY_MODELS["sd"][1] is presets.PRESETS["tiny-sd"].config
