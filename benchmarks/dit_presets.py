@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from bypass_kernels.transformer_presets import TRANSFORMER_PRESETS
+
 PRESETS = {
     "flux-reduced": (
         "FluxTransformer2DModel",
@@ -48,22 +50,7 @@ PRESETS = {
         ),
         dict(batch=2, latent=128, text_tokens=333),
     ),
-    "tiny-flux": (
-        "FluxTransformer2DModel",
-        dict(
-            patch_size=1,
-            in_channels=16,
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=16,
-            pooled_projection_dim=16,
-            guidance_embeds=True,
-            axes_dims_rope=(2, 2, 4),
-        ),
-        dict(batch=1, image_tokens=64, text_tokens=16),
-    ),
+    "tiny-flux": (*TRANSFORMER_PRESETS["tiny-flux"], dict(batch=1, image_tokens=64, text_tokens=16)),  # CPU smoke runs
 }
 SPAN = (1, 2)
 
