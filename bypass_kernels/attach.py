@@ -2,15 +2,15 @@
 
 A *span* is a run of blocks i..j that the model's forward calls one after another (a UNet's
 mid-block is a span of one). With h the streams entering block i and m those leaving block j, the
-patched output is ``m + λ(t)·(h − m)``. A :class:`BypassController` gives three modules a role:
+patched output is ``m + λ(t)·(h − m)``. A ``BypassController`` gives three modules a role:
 
 - the *carrier*, the submodule that receives the call's timestep inside the model's forward, once
   per call (a diffusers UNet's ``time_proj``; a DiT's time embedder), keeps it
-  (:class:`KeepTimestep`); where no such module is known, :class:`KeepModelTimestep` reads it from
+  (``KeepTimestep``); where no such module is known, ``KeepModelTimestep`` reads it from
   the model's own arguments (a pre-hook on the model);
-- block i keeps the streams h (:class:`EnterSpan`; not in compiled code for a span of one block and
+- block i keeps the streams h (``EnterSpan``; not in compiled code for a span of one block and
   one stream: the span end reads the block's own input);
-- block j blends each stream of its output (:class:`LeaveSpan`).
+- block j blends each stream of its output (``LeaveSpan``).
 
 Each role lives in the module's own forward: the module's class is swapped for a same-named subclass
 (an *attached class*) whose ``forward`` runs the role around its base's forward, the role objects in
@@ -491,7 +491,7 @@ def _override(calls: dict, token: str):
 
 # --------------------------------------------------------------------- the controller
 class BypassController:
-    """The state and hooks of one patched model. Use :func:`bypass_kernels.patch`, not this class."""
+    """The state and hooks of one patched model. Use ``bypass_kernels.patch``, not this class."""
 
     def __init__(
         self,
@@ -545,7 +545,7 @@ class BypassController:
     @contextlib.contextmanager
     def table_for_calls(self, table: torch.Tensor) -> Iterator[None]:
         """Blend with ``table`` instead of the schedule's, in this thread, for the block's calls: [T], or
-        [rows, T] with a schedule per sample (see :func:`table_rows`). Copied once to each device a
+        [rows, T] with a schedule per sample (see ``table_rows``). Copied once to each device a
         blend runs on."""
         global _OPEN_OVERRIDES
         previous = getattr(_CALLS, "table", None)
@@ -593,7 +593,7 @@ class BypassController:
             self._recompute[block_input] = (timestep, entered, tables)
 
     def kept_for_recompute(self, block_input) -> tuple | None:
-        """What :meth:`keep_for_recompute` kept for ``block_input``; None outside a recomputation."""
+        """What ``keep_for_recompute`` kept for ``block_input``; None outside a recomputation."""
         if not self._recompute or not isinstance(block_input, Tensor) or not is_grad_enabled():
             return None
         return self._recompute.get(block_input)

@@ -1,7 +1,7 @@
 """Which blend backends exist here, why a missing one is missing, and what ``auto`` picks.
 
 Backends: ``triton`` (fused Triton kernel), ``cuda`` (CUDA C++ kernel), ``cpu`` (C++ CPU kernel),
-``torch`` (plain torch ops) and ``auto``; each is one :class:`Backend` record of :data:`BACKENDS`
+``torch`` (plain torch ops) and ``auto``; each is one ``Backend`` record of ``BACKENDS``
 (where it runs, why it cannot, its kernel entry). Device availability is checked when asked
 (``info()``, a blend, a patch), never at import.
 """

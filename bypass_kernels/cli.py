@@ -1,4 +1,4 @@
-"""The ``bypass-kernels`` command (its help text is :data:`DESCRIPTION`)."""
+"""The ``bypass-kernels`` command (its help text is ``DESCRIPTION``)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The blend op: ``mid_out <- (1 - λ)·mid_out + λ·mid_in`` with λ read from a timestep-indexed table.
 
-One entry point, :func:`blend_`, dispatches to the backend kernels (Triton, CUDA C++, CPU C++) or
+One entry point, ``blend_``, dispatches to the backend kernels (Triton, CUDA C++, CPU C++) or
 to plain torch ops. While tracing (torch.compile, torch.export, ONNX export) ``auto`` takes the
 plain torch ops so the compiler can fuse the blend into the mid-block's last pointwise kernel.
 """
@@ -124,7 +124,7 @@ def blend_(
 def blend(
     mid_out: torch.Tensor, mid_in: torch.Tensor, table: torch.Tensor, timestep, *, backend: str = "auto"
 ) -> torch.Tensor:
-    """Out-of-place :func:`blend_`; differentiable through the torch path when gradients are needed."""
+    """Out-of-place ``blend_``; differentiable through the torch path when gradients are needed."""
     _require_tensors(mid_out, mid_in)
     if _needs_autograd(mid_out, mid_in, table):
         timestep = _as_timestep(timestep, mid_out.device)

@@ -1,8 +1,8 @@
 """Reversible patching of diffusers models (and pipelines) with the bypass.
 
-``patch(model)`` finds the span to bypass and where the timestep enters (:mod:`bypass_kernels.targets`),
-then attaches a :class:`~bypass_kernels.attach.BypassController` (three roles in their modules'
-forwards, a per-thread record of each call, the λ tables; :mod:`bypass_kernels.attach` says how),
+``patch(model)`` finds the span to bypass and where the timestep enters (``bypass_kernels.targets``),
+then attaches a ``BypassController`` (three roles in their modules'
+forwards, a per-thread record of each call, the λ tables; ``bypass_kernels.attach`` says how),
 kept as ``model._bypass``. ``unpatch`` removes every role, restores every swapped class and drops
 ``model._bypass``: the model is exactly as it was.
 
@@ -216,13 +216,13 @@ def patch(
     timestep_module: str | None = None,
     timestep_scale: float | None = None,
 ):
-    """Bypass part of ``model`` by ``schedule`` (default: :func:`default_schedule`).
+    """Bypass part of ``model`` by ``schedule`` (default: ``default_schedule``).
 
     ``model``: a diffusers UNet (its mid-block is bypassed), a diffusers transformer (SD3, Flux,
     PixArt, Sana, Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi, QwenImage: a span of its blocks),
     a ``DiffusionPipeline`` (its ``unet``, or its ``transformer`` and ``transformer_2``), any
     ``nn.Module`` with a shape-preserving ``mid_block``, or any of these compiled (the next call
-    recompiles). ``schedule``: a :class:`BypassSchedule`, a spec string as the command line takes
+    recompiles). ``schedule``: a ``BypassSchedule``, a spec string as the command line takes
     it (``"linear:0.3:500"``), or a dict from ``to_dict()``.
 
     Transformers: ``span`` is the run of blocks to bypass, inclusive indices ``(i, j)`` (or one
@@ -306,7 +306,7 @@ def _detach(owner: nn.Module) -> None:
 
 
 def _reattach(owner: nn.Module, controller: BypassController) -> None:
-    """Put back a controller :func:`_detach` took off (a patch that failed after it)."""
+    """Put back a controller ``_detach`` took off (a patch that failed after it)."""
     controller.install()
     owner.__dict__[_ATTR] = controller
     if controller.pipeline is not None:
@@ -460,7 +460,7 @@ def set_schedule(model, schedule: BypassSchedule | str | dict):
 @contextlib.contextmanager
 def patched(model, schedule: BypassSchedule | str | dict | None = None, *, backend: str = "auto", **where) -> Iterator:
     """``with patched(unet, schedule): ...`` patches for the block, then restores the previous state.
-    ``where``: ``span``, ``streams``, ``timestep_module``, ``timestep_scale`` as :func:`patch` takes them."""
+    ``where``: ``span``, ``streams``, ``timestep_module``, ``timestep_scale`` as ``patch`` takes them."""
     before = _controller(model)
     previous = (before.schedule, before.backend) if before is not None else None
     if previous is not None and any(v is not None for v in where.values()):
@@ -483,8 +483,8 @@ def per_sample(model, schedules, *, images_per_prompt: int = 1) -> Iterator:
     """``with per_sample(pipe, [s1, s2, ...]): pipe(prompt=[p1, p2, ...])``: within the block, each image
     of the patched model's calls in this thread takes its own schedule, in one batched call.
 
-    ``schedules``: one per image the pipeline makes, in its order (each a :class:`BypassSchedule`, a
-    spec string or a dict, as :func:`patch` takes them); ``images_per_prompt``: give one per prompt
+    ``schedules``: one per image the pipeline makes, in its order (each a ``BypassSchedule``, a
+    spec string or a dict, as ``patch`` takes them); ``images_per_prompt``: give one per prompt
     instead, each repeated for that pipeline's ``num_images_per_prompt`` images. A batch doubled by
     classifier-free guidance (unconditional half first) and video frames folded into the batch get
     their image's schedule. Other threads, and calls after the block, use the model's own schedule.

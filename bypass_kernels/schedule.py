@@ -3,8 +3,8 @@
 A schedule is an immutable value (shape, strength, active range) that renders to a float32 table
 of length T = ``num_train_timesteps``. Every backend, the compiled graph and the exported
 ONNX/TensorRT graph read λ from that table at ``idx = clamp(round_half_to_even(float32(t)), 0, T - 1)``.
-Constructors live here; λ by fraction of sampling is worked out in :mod:`bypass_kernels.steps`,
-records and spec strings are read in :mod:`bypass_kernels.spec`.
+Constructors live here; λ by fraction of sampling is worked out in ``bypass_kernels.steps``,
+records and spec strings are read in ``bypass_kernels.spec``.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def _thaw(value: Any) -> Any:
 class BypassSchedule:
     """λ(t) for the mid-block bypass ``m' = (1 - λ)·m + λ·h`` (docs/method.md).
 
-    Build one with :meth:`constant`, :meth:`linear`, :meth:`cosine`, :meth:`from_table`,
-    :meth:`from_steps` or :meth:`for_scheduler` (λ by fraction of sampling). A schedule is an
+    Build one with ``constant``, ``linear``, ``cosine``, ``from_table``,
+    ``from_steps`` or ``for_scheduler`` (λ by fraction of sampling). A schedule is an
     immutable value. ``linear`` and ``cosine`` rise from 0 at ``t_min`` to ``strength`` at
     ``t_max``, so the bypass is strongest at the noisiest step and fades out as denoising
     proceeds; λ is 0 outside ``[t_min, t_max]``.
@@ -205,7 +205,7 @@ class BypassSchedule:
 
         The timesteps are those ``scheduler.set_timesteps(num_inference_steps)`` gives (with ``mu``
         and ``sigmas`` when given: flow-matching schedulers that shift by image size need ``mu``;
-        :meth:`for_pipeline` works both out as the pipeline does), read from a deep copy (the
+        ``for_pipeline`` works both out as the pipeline does), read from a deep copy (the
         scheduler passed in is not changed). When a scheduler calls the model more than once per
         step (Heun, KDPM2: ``len(timesteps)`` = L > N), call k belongs to step ``k·N // L``.
 
@@ -254,7 +254,7 @@ class BypassSchedule:
         width: int | None = None,
         num_frames: int | None = None,
     ) -> BypassSchedule:
-        """:meth:`for_scheduler` with the timesteps ``pipe`` itself samples at for that size:
+        """``for_scheduler`` with the timesteps ``pipe`` itself samples at for that size:
         Flux, QwenImage and LTX-Video pipelines set ``sigmas = linspace(1, 1/N, N)`` and shift by
         the latent length (``mu``), SD3 shifts when its scheduler is set to
         (``use_dynamic_shifting``), HunyuanVideo sets ``sigmas = linspace(1, 0, N + 1)[:-1]``, Mochi
@@ -298,7 +298,7 @@ class BypassSchedule:
     @staticmethod
     def stack(schedules, device: torch.device | str | None = None) -> torch.Tensor:
         """A [len(schedules), T] float32 table, row i the table of ``schedules[i]``: a schedule per
-        sample, as :func:`bypass_kernels.blend_` and :func:`bypass_kernels.per_sample` take it."""
+        sample, as ``bypass_kernels.blend_`` and ``bypass_kernels.per_sample`` take it."""
         schedules = list(schedules)
         if not schedules or not all(isinstance(s, BypassSchedule) for s in schedules):
             raise TypeError("schedules: expected a non-empty sequence of BypassSchedule")
@@ -340,7 +340,7 @@ class BypassSchedule:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BypassSchedule:
-        """The schedule described by ``data`` (a :meth:`to_dict` result); every key is checked."""
+        """The schedule described by ``data`` (a ``to_dict`` result); every key is checked."""
         return spec.from_dict(cls, data)
 
     @classmethod
@@ -356,7 +356,7 @@ class BypassSchedule:
         Accepts ``"default"``, ``"off"``, ``"SHAPE:STRENGTH[:T_MIN[:T_MAX]]"`` (e.g. ``linear:0.3:500``),
         ``"for_scheduler:SCHEDULER:STEPS:STRENGTH[:START[:END[:SHAPE]]]"`` (a diffusers scheduler class
         with its default config and ``num_train_timesteps``), a JSON object as text, or the path of a
-        JSON file written from :meth:`to_dict` (a ``for_scheduler`` record may leave out
+        JSON file written from ``to_dict`` (a ``for_scheduler`` record may leave out
         ``timesteps``; its ``scheduler`` is then a class name or a config with ``_class_name``).
         ``files=False``: a text is never opened as a file (for schedules from untrusted places).
         """

@@ -1,4 +1,4 @@
-"""Schedules from records and spec strings: :meth:`BypassSchedule.from_dict` and :meth:`BypassSchedule.parse`.
+"""Schedules from records and spec strings: ``BypassSchedule.from_dict`` and ``BypassSchedule.parse``.
 
 A record is what ``to_dict()`` gives (JSON-safe); a spec is what the command line takes:
 ``default``, ``off``, ``SHAPE:STRENGTH[:T_MIN[:T_MAX]]``,
@@ -94,7 +94,7 @@ def _for_scheduler(cls, data: Mapping[str, Any], default_T: int):
 
 
 def parse(cls, spec, num_train_timesteps: int, files: bool = True):
-    """A schedule from a command-line spec (see :meth:`BypassSchedule.parse`); ``files=False`` reads no file."""
+    """A schedule from a command-line spec (see ``BypassSchedule.parse``); ``files=False`` reads no file."""
     from bypass_kernels.schedule import default_schedule
 
     if spec is None or isinstance(spec, cls):

@@ -1,5 +1,5 @@
 """λ by fraction of sampling: the timesteps a diffusers scheduler (or pipeline) visits, the λ of
-each step, and the per-step table :meth:`BypassSchedule.for_scheduler` stores.
+each step, and the per-step table ``BypassSchedule.for_scheduler`` stores.
 
 Step i of N (i = 0 the noisiest) has progress p = i/N; on ``start <= p < end`` its λ follows the
 ramp (constant, linear fading from ``strength``, or cosine), 0 outside. A scheduler that calls the

@@ -1,13 +1,13 @@
 """What a patch attaches to: the model, the span of blocks it bypasses, and where the timestep is.
 
-:func:`resolve` turns what the user passed (a model, a compiled model, a pipeline) into a
-:class:`Target`:
+``resolve`` turns what the user passed (a model, a compiled model, a pipeline) into a
+``Target``:
 
 - a diffusers UNet: the span is its mid-block; the timestep is read where the forward hands it to
   ``time_proj``, inside the forward;
 - a diffusers transformer (DiT): the span is a run of blocks i..j over its block lists in execution
   order (Flux: ``transformer_blocks`` then ``single_transformer_blocks``); the timestep is read at
-  the model's time embedder, the first submodule its forward passes it to (:data:`TRANSFORMERS`);
+  the model's time embedder, the first submodule its forward passes it to (``TRANSFORMERS``);
 - any other module with a ``mid_block``: the timestep is read from its own ``timestep`` argument.
 """
 
@@ -151,7 +151,7 @@ def _unwrapped(model):
 
 
 def find_owner(model, caller: str = "patch") -> tuple[nn.Module, object | None]:
-    """(the model to patch, the pipeline it came from or None): the first of :func:`models_of`."""
+    """(the model to patch, the pipeline it came from or None): the first of ``models_of``."""
     found, pipeline = models_of(model, caller)
     return found[0], pipeline
 
@@ -174,7 +174,7 @@ def resolve(
     timestep_module: str | None = None,
     timestep_scale: float | None = None,
 ) -> Target:
-    """The target for one model (from :func:`models_of`). ``span``: for a transformer, inclusive
+    """The target for one model (from ``models_of``). ``span``: for a transformer, inclusive
     block indices ``(i, j)`` (or one index) over its blocks in execution order, a block name
     (``"single_transformer_blocks.3"``), a pair of names, or a preset name; None: the default
     span. ``streams``: ``"all"`` blends every stream a block returns, ``"image"`` the image stream only."""

@@ -61,7 +61,7 @@ def per_sample_weights(table: torch.Tensor, timestep: torch.Tensor) -> bool:
 def flat_layout_ok(mid_out: torch.Tensor, mid_in: torch.Tensor, per_sample: bool) -> bool:
     """Same rule as the C++ ``flat_layout_ok``: one flat pass over memory gives the right answer.
     Strides of size-1 dimensions never address memory, so only the others must agree. ``per_sample``:
-    samples may take different λ (:func:`per_sample_weights`), so each must be one chunk of memory."""
+    samples may take different λ (``per_sample_weights``), so each must be one chunk of memory."""
     if not _non_overlapping_and_dense(mid_out) or not _non_overlapping_and_dense(mid_in):
         return False
     if any(n != 1 and a != b for n, a, b in zip(mid_out.shape, mid_out.stride(), mid_in.stride(), strict=True)):

@@ -171,7 +171,7 @@ TRANSFORMER_PRESETS = {
 
 
 def build_transformer(name: str, *, seed: int = 0, **overrides) -> torch.nn.Module:
-    """The preset transformer ``name`` (``tiny-flux``, ``tiny-sd3``...: :data:`TRANSFORMER_PRESETS`) with
+    """The preset transformer ``name`` (``tiny-flux``, ``tiny-sd3``...: ``TRANSFORMER_PRESETS``) with
     seeded random weights, in eval mode; ``overrides`` change its config."""
     import diffusers
 

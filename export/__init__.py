@@ -1,12 +1,12 @@
 """Deployment export (imported as ``bypass_kernels.export``; the code lives in the top-level export/ folder).
 
-- :func:`to_onnx`: an ONNX graph with the bypass schedule baked in as a timestep-indexed table,
+- ``to_onnx``: an ONNX graph with the bypass schedule baked in as a timestep-indexed table,
   written kill-safe (staged, checked with ONNX Runtime, then renamed into place), from a UNet
   (``onnx_export``) or an SD3, Flux or PixArt transformer (``transformers``), or their pipelines.
-- :class:`OnnxRuntimeUNet` / :class:`OnnxRuntimeTransformer`: that graph run by ONNX Runtime,
+- ``OnnxRuntimeUNet`` / ``OnnxRuntimeTransformer``: that graph run by ONNX Runtime,
   usable as ``pipe.unet`` / ``pipe.transformer``.
-- :func:`build_engine` and :class:`TensorRTUNet`: a TensorRT (10.x or 11.x) engine from that graph
-  and a runner usable as ``pipe.unet``; :func:`default_profile` derives its shape ranges from the
+- ``build_engine`` and ``TensorRTUNet``: a TensorRT (10.x or 11.x) engine from that graph
+  and a runner usable as ``pipe.unet``; ``default_profile`` derives its shape ranges from the
   graph. TensorRT is imported only when these are used.
 
 Everything else (the graph's names and metadata, the ONNX Runtime check and its helpers) is in the
@@ -22,8 +22,8 @@ from bypass_kernels.export.transformers import OnnxRuntimeTransformer
 
 def to_onnx(model, path: str, schedule=None, **options):
     """Export ``model`` (a UNet, a transformer, or a pipeline) to ONNX at ``path`` with the bypass in
-    the graph: :func:`bypass_kernels.export.onnx_export.to_onnx` for UNets,
-    :func:`bypass_kernels.export.transformers.to_onnx` for transformers (see each for the options)."""
+    the graph: ``bypass_kernels.export.onnx_export.to_onnx`` for UNets,
+    ``bypass_kernels.export.transformers.to_onnx`` for transformers (see each for the options)."""
     from bypass_kernels import targets
 
     owner, _ = targets.find_owner(model, "to_onnx")

@@ -101,7 +101,7 @@ def export_inputs(unet: nn.Module, *, batch: int = 2, dtype: torch.dtype | None 
 
 def trace_to_onnx(wrapper: nn.Module, inputs: dict, path: str, *, dynamic_shapes, opset: int, **options) -> None:
     """``wrapper(**inputs)`` to an ONNX graph at ``path`` (torch.export, weights in an external data
-    file), inputs named as the keys of ``inputs``, the output :data:`OUTPUT_NAME`. ``options`` go to
+    file), inputs named as the keys of ``inputs``, the output ``OUTPUT_NAME``. ``options`` go to
     ``torch.onnx.export`` (a transformer's custom translations)."""
     # torch.onnx's own notes (e.g. "torchvision is not installed. Skipping torchvision::nms") are not the
     # user's business: its loggers are quiet for the export
@@ -365,8 +365,8 @@ def verify_export(
     path: str, model, schedule: BypassSchedule, *, schedule_as_input: bool, fp16: bool, per_sample: bool = False
 ) -> float:
     """Compare the graph at ``path`` (ONNX Runtime, CPU) with ``model`` patched with ``schedule`` at
-    :data:`CHECK_TIMESTEPS` (a per-sample graph with rows that differ); returns the largest relative
-    error, raises RuntimeError past :func:`check_tolerance`. The model is left as it was."""
+    ``CHECK_TIMESTEPS`` (a per-sample graph with rows that differ); returns the largest relative
+    error, raises RuntimeError past ``check_tolerance``. The model is left as it was."""
     unet, _ = targets.find_owner(model)
     with patching.patched(unet, schedule, backend="torch"):
         inputs = export_inputs(unet)
@@ -392,7 +392,7 @@ def export_to_staging(
     batch: int = 2,
     check: bool = True,
 ) -> ExportResult:
-    """The work of :func:`to_onnx`, written into ``stage`` (nothing under a final name): export, finish,
+    """The work of ``to_onnx``, written into ``stage`` (nothing under a final name): export, finish,
     and (``check``) verify with ONNX Runtime. ``result.files`` are the staged file names."""
     schedule_as_input = schedule_as_input or per_sample
     import onnx  # noqa: F401  (fail early with the install hint below)
@@ -460,7 +460,7 @@ def to_onnx(
     the sample's batch dimension (the runners take a list of schedules; serving engines batch it).
 
     A patched model exports with its own schedule; ``schedule=`` exports with that one instead;
-    an unpatched model with no schedule exports with :func:`default_schedule` and warns. The
+    an unpatched model with no schedule exports with ``default_schedule`` and warns. The
     model itself is not changed. ``fp16`` exports half-precision weights and activations; the
     ``timestep`` input is float32 either way. The weights go to ``<path>.<id>.data`` beside the
     graph (a fresh name per export). The graph's metadata holds the schedule, the UNet's config and

@@ -128,7 +128,7 @@ def data_in_use(folder: str) -> set[str]:
 
 def remove_unreferenced_data(folder: str, graph_name: str, in_use: set[str] | None = None) -> list[str]:
     """Remove ``<graph>.<id>.data`` files that no graph in ``folder`` refers to (debris of a kill).
-    ``in_use``: :func:`data_in_use` of the folder, when the caller has it already."""
+    ``in_use``: ``data_in_use`` of the folder, when the caller has it already."""
     keep = data_in_use(folder) if in_use is None else in_use
     pattern = re.compile(re.escape(graph_name) + _DATA_PATTERN + "$")
     removed = []

@@ -62,7 +62,7 @@ def engine_bytes(
     vae_scale_factor: int = 8,
     workspace_gib: float | None = None,
 ) -> bytes:
-    """A serialized TensorRT engine for an exported UNet graph (see :func:`build_engine`)."""
+    """A serialized TensorRT engine for an exported UNet graph (see ``build_engine``)."""
     profile = default_profile(
         onnx_path, batch=batch, resolution=resolution, text_len=text_len, vae_scale_factor=vae_scale_factor
     )
@@ -90,7 +90,7 @@ def build_engine(
 
     ``fp16``: None follows the graph (fp16 graph → fp16 engine); True on an fp32 graph works on
     TensorRT 10 only (see the module doc). ``batch``, ``resolution`` (pixels) and ``text_len`` are
-    ints or (min, opt, max) triples; see :func:`default_profile` for defaults and checks. The engine
+    ints or (min, opt, max) triples; see ``default_profile`` for defaults and checks. The engine
     is written in a staging folder and renamed into place when complete.
     """
     engine_path = os.path.abspath(engine_path)
@@ -159,7 +159,7 @@ class _Slot:
 
 
 class TensorRTUNet(PipelineUNet):
-    """Runs a bypass UNet engine; usable as ``pipe.unet`` (see :mod:`bypass_kernels.export.runtime`).
+    """Runs a bypass UNet engine; usable as ``pipe.unet`` (see ``bypass_kernels.export.runtime``).
 
     ``config``: the UNet's config (dict, diffusers config or JSON path); default ``config.json`` beside
     the engine, as ``bypass-kernels export`` writes it. ``cuda_graph=True`` captures one CUDA graph per

@@ -268,7 +268,7 @@ def to_onnx(
     """Export a diffusers transformer (SD3, Flux, PixArt; or a pipeline's ``transformer``) to ONNX at
     ``path`` with the bypass in the graph. As the UNet export: a patched model exports with its own
     schedule and span, ``schedule=`` with another schedule, an unpatched model with
-    :func:`default_schedule` and the family's default span (with a warning); staged, checked with
+    ``default_schedule`` and the family's default span (with a warning); staged, checked with
     ONNX Runtime at several timesteps, and only then renamed into place (kill-safe). ``per_sample``:
     the schedule is an input [batch, T], a schedule per sample, and Flux's ``img_ids``/``txt_ids``
     take a batch dimension too (every input a serving engine batches has one)."""
@@ -357,7 +357,7 @@ def reference_output(model: nn.Module, named: dict) -> torch.Tensor:
 
 
 def max_relative_error(session, model: nn.Module, base: dict) -> float:
-    """Largest error of the graph against the patched model over :data:`CHECK_TIMESTEPS` (in the
+    """Largest error of the graph against the patched model over ``CHECK_TIMESTEPS`` (in the
     units the pipeline passes), relative to the largest output magnitude."""
     from bypass_kernels.export.onnx_export import run_onnx
 
@@ -381,7 +381,7 @@ class OnnxRuntimeTransformer:
     and has what those pipelines read from ``pipe.transformer``: ``config`` (the model's, stored in
     the graph), ``dtype``, ``device`` and ``cache_context``. Inputs the graph has no room for
     (ControlNet samples, attention kwargs with a LoRA scale, IP-adapter embeddings) raise TypeError.
-    ``schedule``/``set_schedule`` as :class:`OnnxRuntimeUNet`.
+    ``schedule``/``set_schedule`` as ``OnnxRuntimeUNet``.
     """
 
     _IGNORED_NONE = (
@@ -427,7 +427,7 @@ class OnnxRuntimeTransformer:
         return len(self.input_shapes.get(SCHEDULE_NAME, ())) == 2
 
     def set_schedule(self, schedule) -> None:
-        """As :meth:`OnnxRuntimeUNet.set_schedule`: a schedule, or for a per-sample graph a list of schedules
+        """As ``OnnxRuntimeUNet.set_schedule``: a schedule, or for a per-sample graph a list of schedules
         (one per image) or a [rows, T] tensor."""
         if SCHEDULE_NAME not in self.input_shapes:
             raise ValueError("set_schedule: this graph has its schedule baked in; export with schedule_as_input=True")

@@ -26,3 +26,20 @@ def test_every_docs_page_is_in_the_nav():
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     for page in (ROOT / "docs").glob("*.md"):
         assert f": {page.name}" in nav, page.name
+
+
+def test_help_of_the_public_api_shows_no_sphinx_roles():
+    """help(bypass_kernels.patch) and the rest read as plain text (the API reference renders the same
+    docstrings)."""
+    import pydoc
+    import re
+
+    import bypass_kernels
+    from bypass_kernels import presets
+    from bypass_kernels.export import OnnxRuntimeUNet, to_onnx
+
+    objects = [getattr(bypass_kernels, name) for name in bypass_kernels.__all__ if name != "__version__"]
+    objects += [presets.build_transformer, presets.transformer_inputs, to_onnx, OnnxRuntimeUNet]
+    for obj in objects:
+        text = pydoc.render_doc(obj, renderer=pydoc.plaintext)
+        assert not re.search(r":(func|meth|class|attr|mod|data|obj|exc):`", text), obj

@@ -52,7 +52,7 @@ class MidBlockBypass:
 
 
 def plan(strength: float, shape: str, window: str, start: float, end: float, schedule: str = "") -> Plan:
-    """The node's inputs as a :class:`Plan`; ValueError names a bad input."""
+    """The node's inputs as a ``Plan``; ValueError names a bad input."""
     if schedule and schedule.strip():
         text = schedule.strip()
         if not INLINE_SPEC.fullmatch(text):

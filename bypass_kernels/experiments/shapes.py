@@ -5,7 +5,7 @@ red or blue (attribute ``colour``), 7 to 11 px across at a random place on a dar
 group shares follow the paper's CelebA case ("male" ≈ 42%, "blond male" < 1%): circles are 40% of
 the set, and blue circles 1.6% of it.
 
-:func:`read_attributes` recovers colour, shape and a validity flag from any image (a training
+``read_attributes`` recovers colour, shape and a validity flag from any image (a training
 image or a generated one) by measurement alone: the foreground mask, its colour, and how much of
 its bounding box it fills (a square fills ~100%, a circle ~π/4).
 """

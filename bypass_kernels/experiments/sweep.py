@@ -2,7 +2,7 @@
 with a row per schedule (``bypass-kernels sweep``).
 
 Every schedule gets the same starting noise (seed i for column i), and all N·n images are denoised
-in one batch with :func:`bypass_kernels.per_sample`, so the rows differ by the schedule alone.
+in one batch with ``bypass_kernels.per_sample``, so the rows differ by the schedule alone.
 Offline on the shipped models (``shapes``, ``digits``: unconditional UNets, a DDIM loop); any
 diffusers pipeline folder otherwise (text-to-image, with a prompt).
 """
