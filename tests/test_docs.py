@@ -34,9 +34,10 @@ def test_help_of_the_public_api_shows_no_sphinx_roles():
     import pydoc
     import re
 
+    from bypass_kernels.export import OnnxRuntimeUNet, to_onnx
+
     import bypass_kernels
     from bypass_kernels import presets
-    from bypass_kernels.export import OnnxRuntimeUNet, to_onnx
 
     objects = [getattr(bypass_kernels, name) for name in bypass_kernels.__all__ if name != "__version__"]
     objects += [presets.build_transformer, presets.transformer_inputs, to_onnx, OnnxRuntimeUNet]
