@@ -23,7 +23,7 @@ commands:
   info      which blend backends run here, and why a missing one is missing
   schedule  print a schedule's λ table (and plot it with --plot FILE.png)
   export    export a patched UNet to ONNX (and a TensorRT engine) with the schedule baked in
-  comfyui   install the ComfyUI node "Mid-Block Bypass" into a ComfyUI checkout
+  comfyui   install the ComfyUI node "Mid-Block / Span Bypass" into a ComfyUI checkout
 
 Run 'bypass-kernels COMMAND --help' for the options of one command.
 """
@@ -343,7 +343,7 @@ def cmd_comfyui(args) -> int:
     from bypass_kernels.comfyui.install import install
 
     folder = install(args.path, overwrite=args.overwrite)
-    print(f"installed the Mid-Block Bypass node: {folder}")
+    print(f"installed the Mid-Block / Span Bypass node: {folder}")
     print("restart ComfyUI; it loads the node from there (bypass_kernels must be installed in ComfyUI's Python)")
     return 0
 
@@ -439,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     comfy = command(
         "comfyui",
         "install the ComfyUI node",
-        "Write custom_nodes/bypass_kernels_node/ into a ComfyUI checkout: the node 'Mid-Block Bypass' (MODEL in, "
-        "MODEL out), loaded from this package by ComfyUI at its next start.",
+        "Write custom_nodes/bypass_kernels_node/ into a ComfyUI checkout: the node 'Mid-Block / Span Bypass' "
+        "(MODEL in, MODEL out), loaded from this package by ComfyUI at its next start.",
     )
     comfy.add_argument("action", choices=("install",), help="what to do (install)")
     comfy.add_argument("path", help="the ComfyUI checkout (the folder with main.py, nodes.py and custom_nodes/)")

@@ -251,7 +251,7 @@ def test_install_writes_a_custom_node_that_comfyui_loads(comfy, tmp_path):
     folder = install(str(root))
     assert install(str(root)) == folder  # again: nothing to do
     assert asyncio.run(nodes.load_custom_node(folder))
-    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["MidBlockBypass"] == "Mid-Block Bypass"
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["MidBlockBypass"] == "Mid-Block / Span Bypass"
     with pytest.raises(ValueError, match="not a ComfyUI checkout"):
         install(str(tmp_path))
 

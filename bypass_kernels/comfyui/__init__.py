@@ -1,4 +1,4 @@
-"""A ComfyUI custom node for the bypass ("Mid-Block Bypass"), loaded by ComfyUI from custom_nodes/.
+"""A ComfyUI custom node for the bypass ("Mid-Block / Span Bypass"), loaded by ComfyUI from custom_nodes/.
 
 Install into a ComfyUI checkout (with this package installed in ComfyUI's Python):
 ``bypass-kernels comfyui install /path/to/ComfyUI``. ComfyUI is imported only when the node runs.

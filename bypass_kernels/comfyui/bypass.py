@@ -27,6 +27,7 @@ from bypass_kernels.schedule import BypassSchedule
 from bypass_kernels.targets import default_span
 
 KEY = "bypass_kernels"  # wrapper, injection and model_options key
+NODE_NAME = "Mid-Block / Span Bypass"  # what ComfyUI shows, and what the node's errors start with
 # Model samplings whose timestep is a continuous noise level (CosXL, Playground v2.5): it reads table index 0 or 1
 CONTINUOUS = {"ModelSamplingContinuousEDM", "ModelSamplingContinuousV"}
 PRESETS = {"sd3": {"sd3.5-slg": (7, 9)}, "flux": {}}
@@ -43,7 +44,7 @@ def family_of(model) -> str:
     if "MMDiT" in names and hasattr(net, "joint_blocks"):
         return "sd3"
     raise TypeError(
-        f"Mid-Block Bypass: {type(net).__name__} is not supported (SD1.x/SD2.x/SDXL UNets with a middle block, "
+        f"{NODE_NAME}: {type(net).__name__} is not supported (SD1.x/SD2.x/SDXL UNets with a middle block, "
         "Flux and SD3 are)"
     )
 
@@ -118,7 +119,7 @@ class Plan:
             built = self.schedule.num_train_timesteps
             if T is not None and built != T:
                 raise ValueError(
-                    f"Mid-Block Bypass: the schedule is built for num_train_timesteps={built}, but this model has {T} "
+                    f"{NODE_NAME}: the schedule is built for num_train_timesteps={built}, but this model has {T} "
                     f"timesteps, so its table would be read at the wrong places; give the schedule "
                     f"num_train_timesteps={T} (or leave it out)"
                 )
@@ -127,7 +128,7 @@ class Plan:
                 t = t * 1000.0  # Flux's model sampling gives σ itself; the model scales by 1000 inside
             elif kinds & CONTINUOUS and self.zero_at_t0:
                 raise ValueError(
-                    "Mid-Block Bypass: this model samples with continuous noise levels (ModelSamplingContinuousEDM "
+                    f"{NODE_NAME}: this model samples with continuous noise levels (ModelSamplingContinuousEDM "
                     "or ModelSamplingContinuousV: its timestep is ln(sigma)/4 or a value in [0, 1], never a training "
                     "timestep), where this schedule is 0, so the bypass would never act; use window = 'fraction of "
                     "sampling'"
@@ -136,9 +137,7 @@ class Plan:
         shape, strength, start, end = self.fraction
         sigmas = options.get("sample_sigmas")
         if sigmas is None:
-            raise ValueError(
-                "Mid-Block Bypass: the sampler gave no sample_sigmas, so the fraction of sampling is unknown"
-            )
+            raise ValueError(f"{NODE_NAME}: the sampler gave no sample_sigmas, so the fraction of sampling is unknown")
         sigmas = sigmas.to(sigma.device, torch.float32)
         steps = max(1, sigmas.numel() - 1)
         index = (sigmas[:steps].reshape(1, -1) - sigma.float().reshape(-1, 1)).abs().argmin(dim=1)  # nearest step
@@ -269,7 +268,7 @@ def _dit_replace(m, state: dict, first: tuple[str, int], last: tuple[str, int], 
             n_txt = state.get("text_tokens")
             if n_txt is None:
                 raise ValueError(
-                    "Mid-Block Bypass: streams='image' inside Flux's single blocks needs the text length, and this "
+                    f"{NODE_NAME}: streams='image' inside Flux's single blocks needs the text length, and this "
                     "call gave no text context; use streams='all' or a span that starts in the double blocks"
                 )
             _blend(out["img"][:, n_txt:], h["img"][:, n_txt:], call)

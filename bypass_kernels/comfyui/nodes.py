@@ -1,10 +1,10 @@
-"""The ComfyUI node "Mid-Block Bypass": MODEL in, MODEL out (a clone; the input model is never changed)."""
+"""The ComfyUI node "Mid-Block / Span Bypass": MODEL in, MODEL out (a clone; the input model is never changed)."""
 
 from __future__ import annotations
 
 import re
 
-from bypass_kernels.comfyui.bypass import Plan, bypass_model
+from bypass_kernels.comfyui.bypass import NODE_NAME, Plan, bypass_model
 from bypass_kernels.schedule import BypassSchedule
 
 WINDOWS = ("fraction of sampling", "timesteps")
@@ -79,4 +79,4 @@ def plan(strength: float, shape: str, window: str, start: float, end: float, sch
 
 
 NODE_CLASS_MAPPINGS = {"MidBlockBypass": MidBlockBypass}
-NODE_DISPLAY_NAME_MAPPINGS = {"MidBlockBypass": "Mid-Block Bypass"}
+NODE_DISPLAY_NAME_MAPPINGS = {"MidBlockBypass": NODE_NAME}
