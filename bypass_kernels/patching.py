@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from bypass_kernels import backends, targets
-from bypass_kernels.attach import BypassController, Carrier, check_scheduler_T, owner_of, scheduler_T
+from bypass_kernels.attach import BypassController, Carrier, owner_of
 from bypass_kernels.schedule import BypassSchedule, default_schedule
+from bypass_kernels.scheduler_check import check_scheduler_T, scheduler_T
 
 __all__ = [
     "BypassController",

@@ -113,7 +113,7 @@ def test_a_scheduler_of_continuous_noise_levels_is_refused(pipe, make):
 def test_a_scheduler_is_judged_once_not_on_every_call(pipe, monkeypatch):
     """The check builds a scheduler from the config and sets its timesteps: once per scheduler and
     schedule (a flow-matching scheduler that needs the pipeline's shift mu takes a second try, mu = 0)."""
-    from bypass_kernels import attach, steps
+    from bypass_kernels import scheduler_check, steps
 
     calls = []
     real = steps.visited_timesteps
@@ -126,7 +126,7 @@ def test_a_scheduler_is_judged_once_not_on_every_call(pipe, monkeypatch):
         calls.clear()
         holder = type("Pipe", (), {"scheduler": scheduler})()
         for _ in range(3):
-            attach.check_scheduler_T(holder, schedule)
+            scheduler_check.check_scheduler_T(holder, schedule)
         assert len(calls) == tries, type(scheduler).__name__
 
 
