@@ -43,11 +43,15 @@ gpu = pytest.mark.gpu  # skipped where no GPU is visible (below), selected by `-
 # files not named follow in their own order; test_export_runtime.py among them, once test_export.py
 # (first) has written the ONNX graphs they share.
 LONGEST_FIRST = (
+    "test_packaging.py",  # wheel builds: about 2.5 minutes
     "test_export.py",
+    "test_docs_examples.py",
     "test_models_compile.py",
     "test_compile.py",
+    "test_per_sample.py",
     "test_transformers.py",
     "test_transformer_export.py",
+    "test_export_per_sample.py",
     "test_attach.py",
     "test_ops.py",
     "test_comfyui.py",
