@@ -265,10 +265,11 @@ class LeaveSpan:
     def __call__(self, block, args, kwargs, output):
         calls = _CALLS.__dict__
         key, call = _find_record(calls, self)
+        own = args[0] if args else kwargs.get(self.input_name)  # the tensor block j ran on (None: not given)
         if call is None:  # block j called on its own, or recomputed for a checkpoint's backward (eager)
             if is_compiling():
                 return None
-            kept = self.controller.kept_for_recompute(args[0] if args else kwargs.get(self.input_name))
+            kept = self.controller.kept_for_recompute(own)
             return None if kept is None else self.blend(block, args, kwargs, output, *kept)
         del calls[key]  # the record ends as it began: absent (nothing for compiled code to write back)
         if self.several and not is_compiling() and not self.controller.live(call):
@@ -280,7 +281,6 @@ class LeaveSpan:
         else:
             return None  # block j called on its own
         if self.own_input:  # the input the block ran on (a pre-hook of the user's after ours may replace it)
-            own = args[0] if args else kwargs.get(self.input_name)  # None: blend_stream says what it got
             if entered is None or own is not entered[0]:
                 versions = None  # kept for another tensor, or not kept
             entered = (own,)
@@ -288,9 +288,7 @@ class LeaveSpan:
             _check_unchanged(entered, versions)
         tables = _override(calls, self.token) if _OPEN_OVERRIDES else None
         if not is_compiling() and is_grad_enabled() and self.controller.checkpointing():
-            self.controller.keep_for_recompute(
-                args[0] if args else kwargs.get(self.input_name), timestep, entered, tables
-            )
+            self.controller.keep_for_recompute(own, timestep, entered, tables)
         return self.blend(block, args, kwargs, output, timestep, entered, tables)
 
     def blend(self, block, args, kwargs, output, timestep, entered, tables):
@@ -676,9 +674,11 @@ class BypassController:
         in the attached one, so the roles run inside the hooks (a context-parallel plan's split happens
         before the span keeps its input)."""
         base = parametrize.type_before_parametrizations(module)
-        innermost = _diffusers_innermost(module, base) if "forward" in module.__dict__ else None
-        if "forward" in module.__dict__ and roles is not None and innermost is None:
-            return False
+        innermost = None
+        if "forward" in module.__dict__:
+            innermost = _diffusers_innermost(module, base)
+            if roles is not None and innermost is None:
+                return False
         cls = marker_class(base, role)
         _set_class_below_parametrizations(module, cls)
         self._swapped.append((module, base, role))

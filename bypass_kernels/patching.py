@@ -444,18 +444,28 @@ def set_schedule(model, schedule: BypassSchedule | str | dict):
     controllers = _controllers(model)
     if not controllers:
         raise ValueError("set_schedule: the model is not patched; call bypass_kernels.patch(model, schedule) first")
-    _, pipeline = targets.models_of(model, "set_schedule")
-    pipeline = pipeline if pipeline is not None else controllers[0].pipeline
-    schedule = _as_schedule(schedule, pipeline, controllers[0].carrier)
-    for controller in controllers:
-        if schedule.num_train_timesteps != controller.table.shape[0]:
-            raise ValueError(
-                f"set_schedule: the table holds {controller.table.shape[0]} timesteps, the schedule "
-                f"{schedule.num_train_timesteps}; call patch(model, schedule) to change the length"
-            )
+    (schedule,) = _schedules_for(model, controllers, [schedule], "set_schedule")
     for controller in controllers:
         controller.write(schedule)
     return model
+
+
+def _schedules_for(model, controllers: list[BypassController], schedules: list, caller: str) -> list[BypassSchedule]:
+    """``schedules`` as BypassSchedules for the patched ``model``: checked against the scheduler of the
+    pipeline it was reached or patched through, and against the length of its tables."""
+    _, pipeline = targets.models_of(model, caller)
+    pipeline = pipeline if pipeline is not None else controllers[0].pipeline
+    parsed = [_as_schedule(s, pipeline, controllers[0].carrier) for s in schedules]
+    for i, schedule in enumerate(parsed):
+        for controller in controllers:
+            T = controller.table.shape[0]
+            if schedule.num_train_timesteps != T:
+                name = "the schedule" if caller == "set_schedule" else f"schedules[{i}]"
+                raise ValueError(
+                    f"{caller}: {name} is built for num_train_timesteps={schedule.num_train_timesteps}, the patched "
+                    f"model's table holds {T} timesteps; call patch(model, schedule) to change the length"
+                )
+    return parsed
 
 
 @contextlib.contextmanager
@@ -498,16 +508,7 @@ def per_sample(model, schedules, *, images_per_prompt: int = 1) -> Iterator:
         raise ValueError(f"per_sample: images_per_prompt must be a positive integer, got {images_per_prompt!r}")
     if isinstance(schedules, (str, dict, BypassSchedule)) or not hasattr(schedules, "__iter__"):
         raise TypeError("per_sample: schedules must be a list, one schedule per image (or per prompt)")
-    _, pipeline = targets.models_of(model, "per_sample")
-    pipeline = pipeline if pipeline is not None else controllers[0].pipeline
-    parsed = [_as_schedule(s, pipeline, controllers[0].carrier) for s in schedules]
-    T = controllers[0].table.shape[0]
-    for i, schedule in enumerate(parsed):
-        if schedule.num_train_timesteps != T:
-            raise ValueError(
-                f"per_sample: schedules[{i}] is built for num_train_timesteps={schedule.num_train_timesteps}, the "
-                f"patched model's table for {T}"
-            )
+    parsed = _schedules_for(model, controllers, list(schedules), "per_sample")
     table = BypassSchedule.stack(parsed).repeat_interleave(images_per_prompt, 0)
     with contextlib.ExitStack() as stack:
         for controller in controllers:

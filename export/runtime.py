@@ -108,6 +108,11 @@ def schedule_table(schedule, *, per_sample: bool) -> torch.Tensor:
     return table
 
 
+def takes_per_sample_schedule(input_shapes: dict) -> bool:
+    """Whether a graph with these inputs takes a schedule per sample (``bypass_schedule`` [batch, T])."""
+    return len(input_shapes.get(SCHEDULE_NAME, ())) == 2
+
+
 def table_for_batch(table: torch.Tensor, batch: int) -> torch.Tensor:
     """The [batch, T] input of a per-sample graph from a runner's table: one schedule for every sample,
     or one per image (twice over where classifier-free guidance doubled the batch)."""
@@ -149,7 +154,7 @@ class PipelineUNet:
     @property
     def per_sample(self) -> bool:
         """Whether the graph takes a schedule per sample (``bypass_schedule`` [batch, T])."""
-        return len(self.input_shapes.get(SCHEDULE_NAME, ())) == 2
+        return takes_per_sample_schedule(self.input_shapes)
 
     def set_schedule(self, schedule) -> None:
         """The bypass table for graphs exported with ``schedule_as_input=True``: a BypassSchedule or a

@@ -35,7 +35,7 @@ from bypass_kernels.export.onnx_export import (
     per_sample_check_table,
     trace_to_onnx,
 )
-from bypass_kernels.export.runtime import schedule_table, table_for_batch
+from bypass_kernels.export.runtime import schedule_table, table_for_batch, takes_per_sample_schedule
 from torch import nn
 
 from bypass_kernels import patching, targets
@@ -424,7 +424,7 @@ class OnnxRuntimeTransformer:
     @property
     def per_sample(self) -> bool:
         """Whether the graph takes a schedule per sample (``bypass_schedule`` [batch, T])."""
-        return len(self.input_shapes.get(SCHEDULE_NAME, ())) == 2
+        return takes_per_sample_schedule(self.input_shapes)
 
     def set_schedule(self, schedule) -> None:
         """As ``OnnxRuntimeUNet.set_schedule``: a schedule, or for a per-sample graph a list of schedules
