@@ -17,13 +17,14 @@ DESCRIPTION = """\
 Training-free mid-block bypass for diffusion models: m' = (1 - λ(t))·m + λ(t)·h.
 
 commands:
-  run       patch a UNet and run a short DDIM loop, printing timestep, λ and time per step
-  generate  images with and without the bypass from a shipped model, offline, with per-group counts
-  sweep     schedules side by side from the same seeds, in one batched call, as a labelled grid
-  info      which blend backends run here, and why a missing one is missing
-  schedule  print a schedule's λ table (and plot it with --plot FILE.png)
-  export    export a patched UNet to ONNX (and a TensorRT engine) with the schedule baked in
-  comfyui   install the ComfyUI node "Mid-Block / Span Bypass" into a ComfyUI checkout
+  run         patch a UNet and run a short DDIM loop, printing timestep, λ and time per step
+  generate    images with and without the bypass from a shipped model, offline, with per-group counts
+  sweep       schedules side by side from the same seeds, in one batched call, as a labelled grid
+  info        which blend backends run here, and why a missing one is missing
+  schedule    print a schedule's λ table (and plot it with --plot FILE.png)
+  export      export a patched UNet to ONNX (and a TensorRT engine) with the schedule baked in
+  triton-repo a Triton Inference Server model repository: batched requests, a schedule each
+  comfyui     install the ComfyUI node "Mid-Block / Span Bypass" into a ComfyUI checkout
 
 Run 'bypass-kernels COMMAND --help' for the options of one command.
 """
@@ -339,6 +340,12 @@ def cmd_export(args) -> int:
     return run_export(args)
 
 
+def cmd_triton_repo(args) -> int:
+    from bypass_kernels.export.cli import run_triton_repo
+
+    return run_triton_repo(args)
+
+
 def cmd_comfyui(args) -> int:
     from bypass_kernels.comfyui.install import install
 
@@ -432,9 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--json", action="store_true", help="print only to_dict() as JSON")
     sched.add_argument("--plot", metavar="PNG", help="also write a plot of λ(t) to this file (default: no plot)")
     sched.set_defaults(func=cmd_schedule)
-    from bypass_kernels.export.cli import add_export_parser
+    from bypass_kernels.export.cli import add_export_parser, add_triton_parser
 
     add_export_parser(command, SCHEDULE_HELP, cmd_export)
+    add_triton_parser(command, SCHEDULE_HELP, cmd_triton_repo)
 
     comfy = command(
         "comfyui",

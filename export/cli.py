@@ -233,3 +233,102 @@ def _run_export(args) -> int:
         raise
     print("wrote " + ", ".join(written))  # absolute paths: --out made absolute before any work
     return 0
+
+
+def add_triton_parser(command, schedule_help: str, func) -> None:
+    """Add the ``triton-repo`` subcommand (a Triton Inference Server model repository)."""
+    from bypass_kernels.export.triton_repo import DENOISER_BACKENDS
+
+    p = command(
+        "triton-repo",
+        "write a Triton Inference Server model repository (batched requests, a schedule each)",
+        "Write OUT as a Triton model repository: unet/ (exported with a schedule per sample, dynamic batching) "
+        "and, for SD 1.x/2.x-shaped UNets, pipeline/ (the denoising loop in the python backend, calling unet/ "
+        "each step). Every config.pbtxt is Triton's ModelConfig.",
+    )
+    p.add_argument("--model", required=True, help="a preset (tiny-sd, sd15, ...), a UNet folder or a pipeline folder")
+    p.add_argument("--out", required=True, help="the repository folder (written whole, or not at all)")
+    p.add_argument(
+        "--schedule", default=None, help=schedule_help + " (the repository's default; requests may send theirs)"
+    )
+    p.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=DENOISER_BACKENDS,
+        help="the denoiser's Triton backend: onnxruntime; python (ONNX Runtime in the python backend); tensorrt "
+        "(builds the engine here: needs TensorRT and the serving GPU)",
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="rows the dynamic batcher joins into one denoiser call")
+    p.add_argument("--queue-delay-us", type=int, default=2000, help="how long the batcher waits for more requests")
+    p.add_argument("--instances", type=int, default=1, help="denoiser model instances")
+    p.add_argument("--pipeline-instances", type=int, default=4, help="denoising loops that run at once")
+    p.add_argument("--steps", type=int, default=50, help="the pipeline model's default num_inference_steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="the pipeline model's default guidance_scale")
+    p.add_argument(
+        "--scheduler",
+        default="DDIMScheduler",
+        help="the loop's diffusers scheduler class where --model is not a pipeline folder (which brings its own)",
+    )
+    p.add_argument("--no-pipeline", action="store_true", help="write the denoiser model only")
+    p.add_argument("--fp16", action="store_true", help="half-precision graph")
+    p.add_argument("--resolution", default=None, help="tensorrt: image size range in pixels, N or MIN:OPT:MAX")
+    p.add_argument("--text-len", default=None, help="tensorrt: text length range, N or MIN:OPT:MAX")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing repository at --out")
+    p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime comparison of the export")
+    p.set_defaults(func=func)
+
+
+def _scheduler_for(model: str, class_name: str):
+    import diffusers
+
+    folder = os.path.join(model, "scheduler")
+    if os.path.isfile(os.path.join(folder, "scheduler_config.json")):
+        config = diffusers.SchedulerMixin.load_config(folder)
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not hasattr(cls, "set_timesteps"):
+        raise ValueError(f"--scheduler: {class_name!r} is not a diffusers scheduler class (e.g. DDIMScheduler)")
+    return cls(num_train_timesteps=1000)
+
+
+def run_triton_repo(args) -> int:
+    from bypass_kernels.export.profiles import parse_range
+    from bypass_kernels.export.triton_repo import write_model_repository
+
+    from bypass_kernels.presets import load_unet
+    from bypass_kernels.schedule import BypassSchedule, default_schedule
+
+    ranges = {}
+    for option, value in (("--resolution", args.resolution), ("--text-len", args.text_len)):
+        if value is not None:
+            if args.backend != "tensorrt":
+                raise ValueError(f"{option}: an engine shape range; it needs --backend tensorrt")
+            ranges[option.lstrip("-").replace("-", "_")] = parse_range(option, value)
+    try:
+        schedule = BypassSchedule.parse(args.schedule) if args.schedule else default_schedule()
+    except (KeyError, OverflowError, ValueError, TypeError) as exc:
+        raise ValueError(f"--schedule: {exc}") from None
+    with _terminate_as_exit():
+        scheduler = None if args.no_pipeline else _scheduler_for(args.model, args.scheduler)
+        print(f"exporting {args.model} (a schedule per sample) and writing the repository ...", flush=True)
+        result = write_model_repository(
+            load_unet(args.model),
+            args.out,
+            schedule,
+            backend=args.backend,
+            pipeline=False if args.no_pipeline else None,
+            scheduler=scheduler,
+            max_batch_size=args.max_batch,
+            instances=args.instances,
+            pipeline_instances=args.pipeline_instances,
+            queue_delay_us=args.queue_delay_us,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            fp16=args.fp16,
+            overwrite=args.overwrite,
+            check=not args.no_check,
+            **ranges,
+        )
+    checked = "" if result.max_error is None else f"; ONNX Runtime vs PyTorch {result.max_error:.2g}"
+    print(f"wrote {result.folder}: {', '.join(result.models)} ({result.backend} denoiser{checked})")
+    return 0

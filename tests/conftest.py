@@ -45,6 +45,7 @@ gpu = pytest.mark.gpu  # skipped where no GPU is visible (below), selected by `-
 LONGEST_FIRST = (
     "test_packaging.py",  # wheel builds: about 2.5 minutes
     "test_export.py",
+    "test_triton_server.py",  # builds the server's environment (pip), starts tritonserver
     "test_docs_examples.py",
     "test_models_compile.py",
     "test_compile.py",

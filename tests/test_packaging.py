@@ -50,6 +50,8 @@ def test_wheel_holds_the_shipped_models_without_setuptools_warnings(tmp_path):
         for path in (ROOT / "bypass_kernels" / "data" / model).iterdir():
             assert f"bypass_kernels/data/{model}/{path.name}" in names
     assert "bypass_kernels/export/__init__.py" in names
+    for model_file in ("onnx_model.py", "pipeline_model.py"):  # what a Triton model repository gets
+        assert f"bypass_kernels/export/triton_models/{model_file}" in names
 
 
 def test_source_distribution_holds_every_kernel_source_whatever_the_machine_builds(tmp_path):
