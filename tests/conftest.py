@@ -47,6 +47,7 @@ LONGEST_FIRST = (
     "test_export.py",
     "test_triton_server.py",  # builds the server's environment (pip), starts tritonserver
     "test_docs_examples.py",
+    "test_serving.py",  # a Ray cluster
     "test_models_compile.py",
     "test_compile.py",
     "test_per_sample.py",

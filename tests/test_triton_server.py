@@ -234,3 +234,19 @@ def test_the_command_writes_a_repository_with_the_schedulers_loop(tmp_path, caps
         assert "TensorRT is not installed here" in capsys.readouterr().err
     assert main([*args, "--resolution", "64", "--overwrite"]) == 2
     assert "needs --backend tensorrt" in capsys.readouterr().err
+
+
+def test_a_dit_repository_serves_the_transformer_with_every_input_batched(tmp_path):
+    from bypass_kernels.presets import build_transformer
+
+    flux = build_transformer("tiny-flux")
+    patch(flux)
+    result = write_model_repository(flux, str(tmp_path / "repo"), check=False)
+    assert result.models == ["transformer"] and result.denoiser == "transformer"  # no loop: a scheduler is needed
+    config = check_config(_read(result.folder, "transformer", "config.pbtxt"))
+    inputs = {i.name: i for i in config.input}
+    assert {"hidden_states", "img_ids", "txt_ids", "bypass_schedule", "timestep"} <= set(inputs)
+    assert list(inputs["img_ids"].dims) == [-1, 3]  # the ids carry the batch too: requests join on it
+    assert list(inputs["timestep"].reshape.shape) == []
+    with pytest.raises(ValueError, match="pipeline: the loop drives UNets"):
+        write_model_repository(flux, str(tmp_path / "again"), pipeline=True, scheduler=object(), check=False)
