@@ -519,6 +519,10 @@ class BypassController:
         self._owner_codes = forward_codes(owner)
         # block j's input tensor -> (timestep, span input, tables) while checkpointing (see keep_for_recompute)
         self._recompute = WeakIdKeyDictionary()
+        from bypass_kernels import targets  # (targets imports this module)
+
+        # the block lists as patched: an engine that splits them later (pipeline parallelism) is refused
+        self._block_lists = tuple((name, owner._modules.get(name)) for name in targets.block_lists(owner))
 
     # ----------------------------------------------------------------- tables
     @property
@@ -575,8 +579,13 @@ class BypassController:
             check_scheduler_T(pipeline, self.schedule, self.carrier)
 
     def check_call(self) -> None:
-        """Before an eager call: the pipeline's scheduler."""
+        """Before an eager call: the pipeline's scheduler, and the block lists still whole."""
         self.check_pipeline()
+        for name, held in self._block_lists:
+            if self.owner._modules.get(name) is not held:  # replaced since the patch: sliced?
+                from bypass_kernels import targets
+
+                targets.check_blocks_whole(self.owner, "call")
 
     # ----------------------------------------------------------------- gradient checkpointing
     def checkpointing(self) -> bool:

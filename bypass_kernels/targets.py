@@ -263,7 +263,37 @@ def default_span(n: int) -> tuple[int, int]:
     return i, min(n - 1, i + width - 1)
 
 
+# The config key that counts each block list (every family here: num_layers for the first list).
+_LAYER_COUNTS = {"single_transformer_blocks": "num_single_layers"}
+
+
+def block_lists(owner: nn.Module) -> tuple[str, ...]:
+    """The names of a transformer's block lists (none for a UNet)."""
+    family = _family(owner)
+    return family.block_lists if family is not None else ()
+
+
+def check_blocks_whole(owner: nn.Module, caller: str) -> None:
+    """Refuse a transformer whose block lists hold fewer blocks than its config names: an engine split
+    them across processes (pipeline parallelism: xDiT's PipeFusion gives each stage a slice), so a
+    span's blocks can run in different processes, and block numbers are no longer the model's."""
+    config = getattr(owner, "config", None)
+    for list_name in block_lists(owner):
+        key = _LAYER_COUNTS.get(list_name, "num_layers")
+        expected = config.get(key) if hasattr(config, "get") else None
+        held = len(getattr(owner, list_name, None) or ())
+        if isinstance(expected, int) and held != expected:
+            raise ValueError(
+                f"bypass_kernels.{caller}: {type(owner).__name__}.{list_name} holds {held} of the {expected} blocks "
+                f"its config names ({key}): its blocks were split across processes (pipeline parallelism, e.g. "
+                "xDiT's PipeFusion, gives each stage a slice), so a span's blocks may run in different processes. "
+                "Run without pipeline parallelism (xDiT: pipefusion_parallel_degree=1; sequence and CFG "
+                "parallelism keep every block in each process)"
+            )
+
+
 def _transformer_span(owner: nn.Module, family: Family, span, streams: str, caller: str) -> Span:
+    check_blocks_whole(owner, caller)
     blocks = blocks_of(owner, family)
     n = len(blocks)
     if n == 0:

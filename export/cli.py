@@ -267,12 +267,19 @@ def add_triton_parser(command, schedule_help: str, func) -> None:
     p.add_argument(
         "--scheduler",
         default="DDIMScheduler",
-        help="the loop's diffusers scheduler class where --model is not a pipeline folder (which brings its own)",
+        help="the loop's diffusers scheduler class where --model is not a pipeline folder (which brings its own); "
+        "with StableDiffusionPipeline's corrections (steps_offset 1, clip_sample off)",
     )
     p.add_argument("--no-pipeline", action="store_true", help="write the denoiser model only")
     p.add_argument("--fp16", action="store_true", help="half-precision graph")
-    p.add_argument("--resolution", default=None, help="tensorrt: image size range in pixels, N or MIN:OPT:MAX")
-    p.add_argument("--text-len", default=None, help="tensorrt: text length range, N or MIN:OPT:MAX")
+    p.add_argument(
+        "--resolution",
+        default=None,
+        help="tensorrt: image size range in pixels, N or MIN:OPT:MAX (default: ½× to 2× the exported size)",
+    )
+    p.add_argument(
+        "--text-len", default=None, help="tensorrt: text length range, N or MIN:OPT:MAX (default: the exported length)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing repository at --out")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime comparison of the export")
     p.set_defaults(func=func)
@@ -288,7 +295,11 @@ def _scheduler_for(model: str, class_name: str):
     cls = getattr(diffusers, class_name, None)
     if cls is None or not hasattr(cls, "set_timesteps"):
         raise ValueError(f"--scheduler: {class_name!r} is not a diffusers scheduler class (e.g. DDIMScheduler)")
-    return cls(num_train_timesteps=1000)
+    scheduler = cls(num_train_timesteps=1000)
+    # what StableDiffusionPipeline corrects in any scheduler it is given (diffusers warns and changes them)
+    fixes = {k: v for k, v in (("steps_offset", 1), ("clip_sample", False)) if k in scheduler.config}
+    settings = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}  # _use_default_values: no
+    return cls.from_config({**settings, **fixes})
 
 
 def run_triton_repo(args) -> int:

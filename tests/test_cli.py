@@ -190,7 +190,7 @@ def _subparsers():
 def test_top_level_help_lists_every_command_in_plain_text():
     parser, commands = _subparsers()
     text = parser.format_help()
-    assert set(commands) == {"run", "generate", "sweep", "info", "schedule", "export", "comfyui"}
+    assert set(commands) == {"run", "generate", "sweep", "info", "schedule", "export", "triton-repo", "comfyui"}
     for name in commands:
         assert f"\n  {name} " in text, name
     assert "``" not in text and ":func:" not in text and ":class:" not in text

@@ -83,7 +83,9 @@ def check_rows(runs, per_prompt=1):
     batched, singles, plain = runs["batched"], runs["singles"], runs["plain batched"]
     batching = (plain - runs["plain singles"]).abs().max()  # what batching alone changes
     assert (batched - singles).abs().max() <= 2 * batching + 1e-6
-    assert (batched - singles).norm() <= 1e-6 * singles.norm()
+    # float32 rounding, which moves with the kernels' blocking (the threads free on a loaded machine:
+    # 1.2e-6 seen under a parallel test run, 2e-7 alone)
+    assert (batched - singles).norm() <= 1e-5 * singles.norm()
     assert torch.equal(batched[:per_prompt], plain[:per_prompt])  # λ = 0: the unpatched batch, bit for bit
     for i in range(1, len(SCHEDULES)):  # the other requests were bypassed
         rows = slice(i * per_prompt, (i + 1) * per_prompt)

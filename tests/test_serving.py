@@ -72,8 +72,8 @@ def close(got, want) -> bool:  # a batched call and a single one differ by float
         ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps: expected at least 1"),
         ({"prompt": "x", "guidance_scale": "7"}, "guidance_scale: expected a number"),
         ({"prompt": "x", "output": "jpg"}, "output: expected one of png, latent"),
-        ({"prompt": "x", "schedule": "linear:x"}, "schedule: "),
-        ({"prompt": "x", "schedule": "/etc/passwd"}, "schedule: "),
+        ({"prompt": "x", "schedule": "linear:x"}, "schedule spec 'linear:x': STRENGTH is a number"),
+        ({"prompt": "x", "schedule": "/etc/passwd"}, "schedule spec '/etc/passwd': expected 'default'"),  # no file
         ({"prompt": "x", "schedule": 3}, "schedule: expected a spec string"),
     ],
 )

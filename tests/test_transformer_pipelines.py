@@ -345,3 +345,31 @@ def test_a_transformer_behind_an_engines_wrapper_is_patched_inside_it():
     assert not torch.allclose(generate(), plain, atol=1e-4)  # the wrapper calls the patched model
     unpatch(pipe)
     assert not bypass_kernels.is_patched(inner) and torch.equal(generate(), plain)
+
+
+def _split_blocks(transformer, stage: int, stages: int) -> None:
+    """Keep one pipeline stage's slice of the blocks, as xDiT's PipeFusion does in each rank's process."""
+    blocks = transformer.transformer_blocks
+    per_stage = (len(blocks) + stages - 1) // stages
+    transformer.transformer_blocks = blocks[stage * per_stage : (stage + 1) * per_stage]
+
+
+def test_blocks_split_across_processes_are_refused_before_and_after_the_patch():
+    from bypass_kernels.presets import build_transformer, transformer_inputs
+
+    split = build_transformer("tiny-sd3")  # four blocks; stage 1 of 2 holds blocks 2 and 3
+    _split_blocks(split, 1, 2)
+    with pytest.raises(ValueError, match=r"transformer_blocks holds 2 of the 4 blocks .*pipefusion_parallel_degree=1"):
+        patch(EngineWrapper(split))
+    patched = build_transformer("tiny-sd3")
+    patch(patched, span=(1, 2))
+    _split_blocks(patched, 0, 2)  # the engine splits after the patch: the span's end is in another process
+    inputs = transformer_inputs("tiny-sd3", 500.0)
+    with pytest.raises(ValueError, match=r"call: SD3Transformer2DModel.transformer_blocks holds 2 of the 4"):
+        patched(**inputs)
+    # sequence parallelism alone: each process keeps every block (a new list of the same blocks) and works
+    whole = build_transformer("tiny-sd3")
+    patch(whole, span=(1, 2))
+    expected = whole(**inputs)[0]
+    _split_blocks(whole, 0, 1)
+    torch.testing.assert_close(whole(**inputs)[0], expected, rtol=0, atol=0)

@@ -44,16 +44,15 @@ def sd(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def repository(sd):
-    pipe, folder = sd
-    result = write_model_repository(
-        pipe,
-        str(folder / "repo"),
-        backend="python",
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-        queue_delay_us=200_000,  # the four loops' steps meet in one batch even on a busy machine
-    )
-    return result
+    """Written by the command, from the preset the pipeline's UNet is (tiny-sd) and its scheduler (DDIM)."""
+    from bypass_kernels.cli import main
+
+    _, folder = sd
+    args = ["triton-repo", "--model", "tiny-sd", "--out", str(folder / "repo"), "--backend", "python"]
+    args += ["--schedule", "linear:0.3:500", "--steps", str(STEPS), "--guidance", str(GUIDANCE)]
+    args += ["--queue-delay-us", "200000"]  # the four loops' steps meet in one batch even on a busy machine
+    assert main(args) == 0
+    return str(folder / "repo")
 
 
 def _read(*parts) -> str:
@@ -62,22 +61,22 @@ def _read(*parts) -> str:
 
 
 def test_every_config_parses_as_triton_model_config(repository):
-    assert repository.models == ["unet", "pipeline"] and repository.max_error < 1e-4
-    unet = check_config(_read(repository.folder, "unet", "config.pbtxt"))
+    assert sorted(os.listdir(repository)) == ["pipeline", "unet"]
+    unet = check_config(_read(repository, "unet", "config.pbtxt"))
     assert unet.backend == "python" and unet.max_batch_size == 8
     assert unet.dynamic_batching.max_queue_delay_microseconds == 200_000
     inputs = {i.name: i for i in unet.input}
     assert list(inputs["bypass_schedule"].dims) == [1000]  # [batch, T]: a schedule per request
     assert list(inputs["timestep"].dims) == [1] and list(inputs["timestep"].reshape.shape) == []
     assert list(inputs["sample"].dims) == [4, -1, -1] and list(inputs["encoder_hidden_states"].dims) == [-1, 32]
-    pipeline = check_config(_read(repository.folder, "pipeline", "config.pbtxt"))
+    pipeline = check_config(_read(repository, "pipeline", "config.pbtxt"))
     assert pipeline.max_batch_size == 0 and pipeline.instance_group[0].count == 4
     optional = {i.name for i in pipeline.input if i.optional}
     assert {i.name for i in pipeline.input} - optional == {"encoder_hidden_states"}
 
 
 def test_onnxruntime_and_tensorrt_configs_parse_and_follow_the_graph(repository):
-    graph = os.path.join(repository.folder, "unet", "1", "model.onnx")
+    graph = os.path.join(repository, "unet", "1", "model.onnx")
     ort = check_config(denoiser_config(graph, name="unet", backend="onnxruntime", max_batch_size=16, instances=2))
     assert ort.platform == "onnxruntime_onnx" and ort.default_model_filename == "model.onnx"
     assert ort.max_batch_size == 16 and ort.instance_group[0].count == 2
@@ -92,13 +91,15 @@ def test_onnxruntime_and_tensorrt_configs_parse_and_follow_the_graph(repository)
         denoiser_config(graph, name="unet", backend="tensorrt")
 
 
-def test_a_graph_without_a_schedule_per_sample_is_refused(sd, tmp_path):
-    from bypass_kernels.export import to_onnx
+def test_a_graph_without_a_schedule_per_sample_is_refused(repository, tmp_path):
+    import onnx
 
-    pipe, _ = sd
-    shared = to_onnx(pipe.unet, str(tmp_path / "unet.onnx"), schedule_as_input=True, check=False)
-    with pytest.raises(ValueError, match="export with per_sample=True"):
-        denoiser_config(shared.path, name="unet")
+    graph = onnx.load(os.path.join(repository, "unet", "1", "model.onnx"), load_external_data=False)
+    (table,) = [i for i in graph.graph.input if i.name == "bypass_schedule"]
+    del table.type.tensor_type.shape.dim[0]  # [T]: one schedule for the batch (schedule_as_input=True)
+    onnx.save(graph, str(tmp_path / "shared.onnx"))
+    with pytest.raises(ValueError, match=r"input 'bypass_schedule' .* export with per_sample=True"):
+        denoiser_config(str(tmp_path / "shared.onnx"), name="unet")
 
 
 def test_refusals_name_the_way_out(sd, tmp_path):
@@ -174,7 +175,7 @@ def test_a_real_tritonserver_batches_requests_with_different_schedules(sd, repos
             arrays["bypass_schedule"] = BypassSchedule.parse(spec).table().numpy()
         requests.append(arrays)
     results, errors = [None] * len(requests), []
-    with triton_server.running_server(repository.folder, str(tmp_path)) as url:
+    with triton_server.running_server(repository, str(tmp_path)) as url:
         barrier = threading.Barrier(len(requests))
 
         def client(index):
@@ -215,18 +216,19 @@ def test_a_real_tritonserver_batches_requests_with_different_schedules(sd, repos
     assert np.abs(other - expected[0]).max() / np.abs(expected[0]).max() > 1e-2
 
 
-def test_the_command_writes_a_repository_with_the_schedulers_loop(tmp_path, capsys):
+def test_the_command_writes_the_loops_defaults_and_refuses_before_exporting(repository, tmp_path, capsys):
     from bypass_kernels.cli import main
 
-    out = tmp_path / "repo"
-    args = ["triton-repo", "--model", "tiny-sd", "--out", str(out), "--no-check", "--steps", "3"]
-    assert main([*args, "--schedule", "linear:0.5:400", "--scheduler", "EulerDiscreteScheduler"]) == 0
-    assert "wrote" in capsys.readouterr().out
-    config = check_config((out / "unet" / "config.pbtxt").read_text())
-    assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 8
-    settings = json.loads((out / "pipeline" / "1" / "pipeline.json").read_text())
-    assert settings["num_inference_steps"] == 3 and settings["schedule"]["strength"] == 0.5
-    assert "EulerDiscreteScheduler" in (out / "pipeline" / "1" / "scheduler_config.json").read_text()
+    settings = json.loads(_read(repository, "pipeline", "1", "pipeline.json"))
+    assert settings["num_inference_steps"] == STEPS and settings["guidance_scale"] == GUIDANCE
+    assert settings["schedule"]["strength"] == 0.3 and len(settings["bypass_schedule"]) == 1000
+    scheduler = json.loads(_read(repository, "pipeline", "1", "scheduler_config.json"))
+    assert scheduler["_class_name"] == "DDIMScheduler"  # as StableDiffusionPipeline corrects it:
+    assert scheduler["clip_sample"] is False and scheduler["steps_offset"] == 1
+    (tmp_path / "repo").mkdir()
+    args = ["triton-repo", "--model", "tiny-sd", "--out", str(tmp_path / "repo")]
+    assert main([*args, "--scheduler", "Foo"]) == 2
+    assert "--scheduler: 'Foo' is not a diffusers scheduler class" in capsys.readouterr().err
     assert main(args) == 2
     assert "exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
     if importlib.util.find_spec("tensorrt") is None:  # refused before any export
