@@ -2,7 +2,7 @@
 
 ``patch(model)`` finds the span to bypass and where the timestep enters (``bypass_kernels.targets``),
 then attaches a ``BypassController`` (three roles in their modules'
-forwards, a per-thread record of each call, the λ tables; ``bypass_kernels.attach`` says how),
+forwards, a per-thread record of each call, the λ tables; attached.py, records.py and controller.py say how),
 kept as ``model._bypass``. ``unpatch`` removes every role, restores every swapped class and drops
 ``model._bypass``: the model is exactly as it was.
 
@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from bypass_kernels import backends, targets
-from bypass_kernels.attach import BypassController, Carrier, owner_of
+from bypass_kernels.controller import BypassController, owner_of
 from bypass_kernels.schedule import BypassSchedule, default_schedule
 from bypass_kernels.scheduler_check import check_scheduler_T, scheduler_T
+from bypass_kernels.targets import Carrier
 
 __all__ = [
     "BypassController",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,30 +28,9 @@ from bypass_kernels._checks import (
     check_T,
     check_timestep_bound,
 )
+from bypass_kernels.steps import timestep_index  # the table index every backend reads
 
 __all__ = ["MAX_TRAIN_TIMESTEPS", "BypassSchedule", "default_schedule", "timestep_index"]
-
-
-def timestep_index(t: float, num_train_timesteps: int) -> int:
-    """Table index of one timestep: float32, round half to even, clamp to [0, T-1]; NaN reads index 0,
-    as every backend, compiled graph and exported graph does."""
-    T = check_T(num_train_timesteps)
-    if isinstance(t, torch.Tensor):
-        if t.numel() != 1:
-            raise ValueError(f"timestep: expected a single value, got shape {tuple(t.shape)}")
-        if t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"timestep: expected a real number, got a {t.dtype} tensor")
-        value = t.detach().reshape(()).to("cpu", torch.float32)
-    elif isinstance(t, bool) or not isinstance(t, numbers.Real):
-        raise TypeError(f"timestep: expected a number or a one-element tensor, got {t!r}")
-    else:
-        try:
-            value = torch.tensor(float(t), dtype=torch.float32)
-        except OverflowError:  # an int beyond float64 is beyond float32 too: it clamps like ±inf
-            value = torch.tensor(math.inf if t > 0 else -math.inf, dtype=torch.float32)
-    if torch.isnan(value):
-        return 0
-    return int(value.round().clamp(0, T - 1))
 
 
 def _freeze(value: Any) -> Any:
@@ -406,5 +384,4 @@ def default_schedule(*, num_train_timesteps: int = 1000) -> BypassSchedule:
     package's own experiments (documentation, "Evidence") do not support any non-zero strength on
     their small models; tune on your model.
     """
-    T = check_T(num_train_timesteps)
-    return BypassSchedule.linear(0.3, t_min=min(T // 2, T - 2), num_train_timesteps=T)
+    return spec.default(BypassSchedule, num_train_timesteps)

@@ -8,9 +8,9 @@ import contextlib
 import weakref
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # annotations only: attach imports this module
-    from bypass_kernels.attach import Carrier
+if TYPE_CHECKING:  # annotations only: the controller imports this module
     from bypass_kernels.schedule import BypassSchedule
+    from bypass_kernels.targets import Carrier
 
 
 def check_scheduler_T(pipeline, schedule: BypassSchedule, carrier: Carrier | None = None) -> None:

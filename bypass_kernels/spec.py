@@ -93,10 +93,14 @@ def _for_scheduler(cls, data: Mapping[str, Any], default_T: int):
     return cls._for_visits(name, timesteps, N, s, a, b, ramp, T, mu=mu, sigmas=sigmas)
 
 
+def default(cls, num_train_timesteps: int):
+    """``default_schedule`` (see its doc): ``linear(0.3, t_min=T/2)``."""
+    T = check_T(num_train_timesteps)
+    return cls.linear(0.3, t_min=min(T // 2, T - 2), num_train_timesteps=T)
+
+
 def parse(cls, spec, num_train_timesteps: int, files: bool = True):
     """A schedule from a command-line spec (see ``BypassSchedule.parse``); ``files=False`` reads no file."""
-    from bypass_kernels.schedule import default_schedule
-
     if spec is None or isinstance(spec, cls):
         return spec
     if isinstance(spec, Mapping):
@@ -105,7 +109,7 @@ def parse(cls, spec, num_train_timesteps: int, files: bool = True):
         raise TypeError(f"schedule spec: expected a string, got {type(spec).__name__}")
     text = spec.strip()
     if text == "default":
-        return default_schedule(num_train_timesteps=num_train_timesteps)
+        return default(cls, num_train_timesteps)
     if text in ("off", "none"):
         return cls.constant(0.0, num_train_timesteps=num_train_timesteps)
     if text.startswith("{"):

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import inspect
 import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +25,28 @@ import numpy
 import torch
 
 from bypass_kernels._checks import as_float_list, check_T, short_repr
+
+
+def timestep_index(t: float, num_train_timesteps: int) -> int:
+    """Table index of one timestep: float32, round half to even, clamp to [0, T-1]; NaN reads index 0,
+    as every backend, compiled graph and exported graph does."""
+    T = check_T(num_train_timesteps)
+    if isinstance(t, torch.Tensor):
+        if t.numel() != 1:
+            raise ValueError(f"timestep: expected a single value, got shape {tuple(t.shape)}")
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"timestep: expected a real number, got a {t.dtype} tensor")
+        value = t.detach().reshape(()).to("cpu", torch.float32)
+    elif isinstance(t, bool) or not isinstance(t, numbers.Real):
+        raise TypeError(f"timestep: expected a number or a one-element tensor, got {t!r}")
+    else:
+        try:
+            value = torch.tensor(float(t), dtype=torch.float32)
+        except OverflowError:  # an int beyond float64 is beyond float32 too: it clamps like ±inf
+            value = torch.tensor(math.inf if t > 0 else -math.inf, dtype=torch.float32)
+    if torch.isnan(value):
+        return 0
+    return int(value.round().clamp(0, T - 1))
 
 
 def check_scheduler(scheduler: Any) -> tuple[int, str]:
@@ -146,8 +169,6 @@ def ramp(shape: str, s: float, a: float, b: float, p: float) -> float:
 
 def per_step_table(timesteps: list[float], N: int, s: float, a: float, b: float, shape: str, T: int) -> torch.Tensor:
     """The float32 table: each visited index its step's λ (the last call's), others the nearest's."""
-    from bypass_kernels.schedule import timestep_index
-
     L = len(timesteps)
     by_index: dict[int, float] = {}
     for k, t in enumerate(timesteps):  # later calls overwrite: the least noisy wins

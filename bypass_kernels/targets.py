@@ -14,11 +14,55 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from bypass_kernels.attach import Carrier, Span, Stream
+
+# --------------------------------------------------------------------- what a patch attaches to
+@dataclass(frozen=True)
+class Stream:
+    """One tensor stream of a span: where it enters block i and where it leaves block j."""
+
+    name: str  # the keyword of block i's forward (``hidden_states``)
+    position: int  # its positional index in block i's forward
+    output_index: int | None  # its index in block j's output tuple; None: the output is this tensor
+    blend: bool = True  # False: carried through unchanged (e.g. the text stream, when asked)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Blocks ``first`` .. ``last`` (the same module for a span of one) and their streams."""
+
+    first: nn.Module
+    last: nn.Module
+    streams: tuple[Stream, ...]
+    modules: tuple[nn.Module, ...]  # every block of the span, in order (for checks)
+    single: bool = field(init=False)  # one stream, which block j returns as a tensor (a UNet's mid-block)
+
+    def __post_init__(self):
+        object.__setattr__(self, "single", len(self.streams) == 1 and self.streams[0].output_index is None)
+
+    def __repr__(self) -> str:  # class names, not the modules' own (long) reprs
+        blocks = type(self.first).__name__ if self.first is self.last else f"{len(self.modules)} blocks"
+        streams = ", ".join(s.name + ("" if s.blend else " (passed through)") for s in self.streams)
+        return f"Span({blocks}; {streams})"
+
+
+@dataclass(frozen=True)
+class Carrier:
+    """Where the timestep is read. ``module`` None: the model's own argument ``arg`` (name, position)."""
+
+    module: nn.Module | None
+    scale: float = 1.0  # table units per unit the carrier receives: table t = offset + scale · t
+    arg: tuple[str, int] = ("timestep", 1)
+    offset: float = 0.0  # Mochi's model receives 1000 − t: offset 1000, scale −1
+    first_half: bool = False  # QwenImage with zero_cond_t embeds [t, 0·t] (the image, its reference): λ from t
+
+    def __repr__(self) -> str:
+        where = type(self.module).__name__ if self.module is not None else f"the model's {self.arg[0]!r} argument"
+        return f"Carrier({where}, scale={self.scale:g}, offset={self.offset:g})"
+
 
 # diffusers UNets whose forward passes the [batch] timesteps to ``self.time_proj`` once per call
 # (I2VGenXLUNet also projects fps with it, and class_embed_type="timestep" the class labels: those

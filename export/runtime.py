@@ -116,7 +116,7 @@ def takes_per_sample_schedule(input_shapes: dict) -> bool:
 def table_for_batch(table: torch.Tensor, batch: int) -> torch.Tensor:
     """The [batch, T] input of a per-sample graph from a runner's table: one schedule for every sample,
     or one per image (twice over where classifier-free guidance doubled the batch)."""
-    from bypass_kernels.attach import table_rows
+    from bypass_kernels.attached import table_rows
 
     if table.dim() == 1:
         return table.expand(batch, -1)

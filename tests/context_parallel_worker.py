@@ -1,6 +1,7 @@
 """Run under torchrun with 2 processes (gloo, CPU): tiny Flux and Wan transformers under diffusers' context
 parallelism (Ulysses, degree 2), patched before and after enable_parallelism, at spans that start where
-each family's parallel plan splits the sequence and inside it. Rank 0 prints one JSON line per case:
+each family's parallel plan splits the sequence and inside it, with one schedule for the batch or one per
+image (per_sample). Rank 0 prints one JSON line per case:
 the largest difference from the same model patched in one process, and from the unpatched model."""
 
 import json
@@ -18,12 +19,13 @@ import bypass_kernels  # noqa: E402
 from bypass_kernels import BypassSchedule  # noqa: E402
 
 SCHEDULE = BypassSchedule.constant(0.5)
+PER_SAMPLE = [BypassSchedule.constant(0.5), BypassSchedule.linear(0.9, t_min=300)]  # one per image of the batch
 CASES = [
-    (name, span, order)
+    (name, span, order, False)
     for name, spans in (("flux", [(0, 0), (0, 1), (1, 2)]), ("wan", [(0, 0), (1, 2)]))
     for span in spans
     for order in ("patch first", "parallelism first")
-]
+] + [("flux", (0, 1), "patch first", True), ("wan", (0, 0), "parallelism first", True)]
 
 
 def inputs(name):
@@ -34,21 +36,28 @@ def inputs(name):
     return kwargs
 
 
+def run(model, kwargs, per_sample: bool):
+    if not per_sample:
+        return tt.run(model, kwargs)
+    with bypass_kernels.per_sample(model, PER_SAMPLE):
+        return tt.run(model, kwargs)
+
+
 def main():
     dist.init_process_group("gloo")
-    for name, span, order in CASES:
+    for name, span, order, per_sample in CASES:
         model, kwargs = tt.build(name), inputs(name)
         if order == "patch first":
             bypass_kernels.patch(model, SCHEDULE, span=span)
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
         if order == "parallelism first":
             bypass_kernels.patch(model, SCHEDULE, span=span)
-        out = tt.run(model, kwargs)
+        out = run(model, kwargs, per_sample)
         if dist.get_rank() == 0:
             single, plain = tt.build(name), tt.build(name)
             bypass_kernels.patch(single, SCHEDULE, span=span)
-            row = dict(name=name, span=list(span), order=order)
-            row["vs_single"] = float((out - tt.run(single, kwargs)).abs().max())
+            row = dict(name=name, span=list(span), order=order, per_sample=per_sample)
+            row["vs_single"] = float((out - run(single, kwargs, per_sample)).abs().max())
             row["vs_unpatched"] = float((out - tt.run(plain, kwargs)).abs().max())
             print(json.dumps(row), flush=True)
     dist.destroy_process_group()

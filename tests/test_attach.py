@@ -77,9 +77,9 @@ def test_threads_calling_a_compiled_patched_unet_each_get_their_own_lambda(unet,
 
 def records_of(model) -> list[str]:
     """The per-thread records of ``model``'s class now (other tests' models may have left theirs)."""
-    from bypass_kernels import attach
+    from bypass_kernels import records
 
-    return [k for k in attach._CALLS.__dict__ if k in attach._record_keys(model._bypass.token)]
+    return [k for k in records._CALLS.__dict__ if k in records._record_keys(model._bypass.token)]
 
 
 def mid_block_call(unet, inputs):

@@ -52,7 +52,8 @@ def test_spans_under_ulysses_context_parallelism_match_one_process():
     )
     assert run.returncode == 0, run.stderr[-4000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 10, run.stdout
+    assert len(rows) == 12, run.stdout
+    assert sum(row["per_sample"] for row in rows) == 2
     for row in rows:
         assert row["vs_single"] <= 1e-5, row
         assert row["vs_unpatched"] > 1e-3, row  # the bypass acts

@@ -2,12 +2,15 @@
 batch dimension (Flux's ids too), the ONNX Runtime runners take a list of schedules, a pipeline run
 through them equals the PyTorch model under per_sample, and TensorRT profiles give the table its batch."""
 
+import importlib.util
+
 import onnx
 import pytest
 import tiny_pipelines
 import torch
 from bypass_kernels.export import OnnxRuntimeTransformer, OnnxRuntimeUNet, default_profile, to_onnx
 from bypass_kernels.export.onnx_export import SCHEDULE_NAME
+from bypass_kernels.export.triton_repo import check_config, denoiser_config
 from tiny_models import graph_unet
 
 from bypass_kernels import BypassSchedule, patch, per_sample
@@ -91,3 +94,8 @@ def test_dit_graphs_with_a_schedule_per_sample_batch_every_input(tmp_path):
     runner.set_schedule(SCHEDULES)
     pipe.transformer = runner
     assert close_to(generate(pipe, **call), expected)
+    if importlib.util.find_spec("tritonclient") is not None:  # the graph as a Triton model: requests join on the batch
+        config = check_config(denoiser_config(result.path, name="transformer"))
+        inputs = {i.name: i for i in config.input}
+        assert {"hidden_states", "img_ids", "txt_ids", SCHEDULE_NAME} <= set(inputs)
+        assert list(inputs["img_ids"].dims) == [-1, 3] and list(inputs["timestep"].reshape.shape) == []

@@ -404,6 +404,6 @@ def test_table_for_calls_overrides_the_table_in_its_block(tiny_sd):
     with tiny_sd._bypass.table_for_calls(other.table()):
         got = run_unet(tiny_sd, inputs)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert "table" not in bypass_kernels.attach._CALLS.__dict__  # dropped after the block
+    assert "table" not in bypass_kernels.records._CALLS.__dict__  # dropped after the block
     default = reference(unpatch(copy.deepcopy(tiny_sd)), inputs, BypassSchedule.constant(0.1).weight)
     torch.testing.assert_close(run_unet(tiny_sd, inputs), default, atol=1e-5, rtol=1e-5)

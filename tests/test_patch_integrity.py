@@ -11,7 +11,7 @@ from test_reliability import Toy, state_of
 from torch import nn
 
 import bypass_kernels
-from bypass_kernels import BypassSchedule, attach, is_patched, patch, unpatch
+from bypass_kernels import BypassSchedule, controller, is_patched, patch, unpatch
 from bypass_kernels.targets import blocks_of
 
 ONE = BypassSchedule.constant(1.0)
@@ -128,14 +128,14 @@ def test_a_failed_reattachment_puts_the_present_patch_back(monkeypatch):
     x, t = torch.randn(2, 4, 5, 5), torch.tensor([900.0, 400.0])
     patch(model, HALF)
     before, expected = state_of(model), model(x, t)
-    install = attach.BypassController.install
+    install = controller.BypassController.install
 
     def refuse(controller):
         if controller.carrier.module is model.conv_in:
             raise RuntimeError("cannot attach here")
         install(controller)
 
-    monkeypatch.setattr(attach.BypassController, "install", refuse)
+    monkeypatch.setattr(controller.BypassController, "install", refuse)
     with pytest.raises(TypeError, match=r"cannot attach here.*the model is unchanged"):
         patch(model, ONE, timestep_module="conv_in")
     assert state_of(model) == before and bypass_kernels.get_schedule(model) == HALF
@@ -148,14 +148,14 @@ def test_a_pipeline_of_two_transformers_is_patched_all_or_nothing(monkeypatch):
     pipe = wan_pipeline()
     patch(pipe, HALF, span=(1, 1))
     states = [state_of(pipe.transformer), state_of(pipe.transformer_2)]
-    install = attach.BypassController.install
+    install = controller.BypassController.install
 
     def refuse(controller):
         if controller.owner is pipe.transformer_2 and controller.span.first is pipe.transformer_2.blocks[0]:
             raise RuntimeError("cannot attach here")
         install(controller)
 
-    monkeypatch.setattr(attach.BypassController, "install", refuse)
+    monkeypatch.setattr(controller.BypassController, "install", refuse)
     with pytest.raises(TypeError, match="cannot attach here"):
         patch(pipe, ONE, span=(0, 0))
     monkeypatch.undo()

@@ -11,7 +11,7 @@ from tiny_models import one_level_sd
 from torch import nn
 
 import bypass_kernels
-from bypass_kernels import BypassSchedule, attach, is_patched, patch, set_schedule, unpatch
+from bypass_kernels import BypassSchedule, controller, is_patched, patch, set_schedule, unpatch
 from bypass_kernels.presets import build_unet
 
 SCHEDULE = BypassSchedule.linear(0.8, t_min=300)
@@ -182,14 +182,14 @@ def test_a_failure_while_attaching_is_rolled_back(monkeypatch):
     toy = Toy()
     before = state_of(toy)
 
-    change_class = attach._set_class_below_parametrizations
+    change_class = controller._set_class_below_parametrizations
 
     def refuse(module, cls):  # the span's class, after the model's timestep hook is attached
         if module is toy.mid_block:
             raise RuntimeError("classes cannot change here")
         change_class(module, cls)
 
-    monkeypatch.setattr(attach, "_set_class_below_parametrizations", refuse)
+    monkeypatch.setattr(controller, "_set_class_below_parametrizations", refuse)  # where install calls it
     with pytest.raises(TypeError, match="classes cannot change here"):
         patch(toy, SCHEDULE)
     monkeypatch.undo()

@@ -48,9 +48,9 @@ def repository(sd):
     from bypass_kernels.cli import main
 
     _, folder = sd
-    args = ["triton-repo", "--model", "tiny-sd", "--out", str(folder / "repo"), "--backend", "python"]
+    args = ["triton-repo", "--model", "tiny-sd", "--out", str(folder / "repo"), "--backend", "python", "--no-check"]
     args += ["--schedule", "linear:0.3:500", "--steps", str(STEPS), "--guidance", str(GUIDANCE)]
-    args += ["--queue-delay-us", "200000"]  # the four loops' steps meet in one batch even on a busy machine
+    args += ["--queue-delay-us", "200000", "--pipeline-instances", "2"]  # two loops' steps meet in one batch
     assert main(args) == 0
     return str(folder / "repo")
 
@@ -70,7 +70,7 @@ def test_every_config_parses_as_triton_model_config(repository):
     assert list(inputs["timestep"].dims) == [1] and list(inputs["timestep"].reshape.shape) == []
     assert list(inputs["sample"].dims) == [4, -1, -1] and list(inputs["encoder_hidden_states"].dims) == [-1, 32]
     pipeline = check_config(_read(repository, "pipeline", "config.pbtxt"))
-    assert pipeline.max_batch_size == 0 and pipeline.instance_group[0].count == 4
+    assert pipeline.max_batch_size == 0 and pipeline.instance_group[0].count == 2
     optional = {i.name for i in pipeline.input if i.optional}
     assert {i.name for i in pipeline.input} - optional == {"encoder_hidden_states"}
 
@@ -110,6 +110,10 @@ def test_refusals_name_the_way_out(sd, tmp_path):
         write_model_repository(pipe, str(tmp_path / "r"), resolution=512)
     with pytest.raises(ValueError, match="pipeline: no scheduler: pass scheduler="):
         write_model_repository(pipe.unet, str(tmp_path / "r"), pipeline=True)
+    from bypass_kernels.presets import build_transformer
+
+    with pytest.raises(ValueError, match="pipeline: the loop drives UNets; serve this DiT's transformer model"):
+        write_model_repository(build_transformer("tiny-flux"), str(tmp_path / "r"), pipeline=True, scheduler=object())
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError, match="overwrite=True"):
         write_model_repository(pipe, str(tmp_path / "taken"))
@@ -236,19 +240,3 @@ def test_the_command_writes_the_loops_defaults_and_refuses_before_exporting(repo
         assert "TensorRT is not installed here" in capsys.readouterr().err
     assert main([*args, "--resolution", "64", "--overwrite"]) == 2
     assert "needs --backend tensorrt" in capsys.readouterr().err
-
-
-def test_a_dit_repository_serves_the_transformer_with_every_input_batched(tmp_path):
-    from bypass_kernels.presets import build_transformer
-
-    flux = build_transformer("tiny-flux")
-    patch(flux)
-    result = write_model_repository(flux, str(tmp_path / "repo"), check=False)
-    assert result.models == ["transformer"] and result.denoiser == "transformer"  # no loop: a scheduler is needed
-    config = check_config(_read(result.folder, "transformer", "config.pbtxt"))
-    inputs = {i.name: i for i in config.input}
-    assert {"hidden_states", "img_ids", "txt_ids", "bypass_schedule", "timestep"} <= set(inputs)
-    assert list(inputs["img_ids"].dims) == [-1, 3]  # the ids carry the batch too: requests join on it
-    assert list(inputs["timestep"].reshape.shape) == []
-    with pytest.raises(ValueError, match="pipeline: the loop drives UNets"):
-        write_model_repository(flux, str(tmp_path / "again"), pipeline=True, scheduler=object(), check=False)

@@ -1,9 +1,10 @@
 """A real Triton Inference Server for the tests: the tritonserver binary that nvidia-pytriton ships
 (python backend only), in an environment of its own, listening on the loopback address only.
 
-The environment (``.venv/triton-env``, built once): nvidia-pytriton, numpy < 2 (the python backend stub
-returns no output tensors with numpy 2) and onnxruntime; torch, diffusers and bypass_kernels come from
-the test environment's site-packages (added after its own, so its numpy < 2 wins). The backend stub
+The environment (``.venv/triton-env``, built once): nvidia-pytriton (the server; none of its Python
+dependencies, which serve PyTriton's own API) and numpy < 2 (the python backend stub returns no output
+tensors with numpy 2); onnxruntime, torch, diffusers and bypass_kernels come from the test
+environment's site-packages (added after its own, so its numpy < 2 wins). The backend stub
 embeds the Python whose ``bin`` is first on PATH, and finds libpython through LD_LIBRARY_PATH.
 """
 
@@ -19,7 +20,7 @@ import sysconfig
 import time
 import urllib.request
 
-REQUIREMENTS = ["nvidia-pytriton==0.7.0", "numpy<2", "onnxruntime"]
+REQUIREMENTS = ["nvidia-pytriton==0.7.0", "numpy<2"]
 ENV = os.path.join(sys.prefix, "triton-env")
 
 
@@ -38,7 +39,7 @@ def ensure_env() -> str:
         return ENV
     shutil.rmtree(ENV, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", ENV], check=True)
-    pip = [env_python(), "-m", "pip", "install", "--disable-pip-version-check", "-q", *REQUIREMENTS]
+    pip = [env_python(), "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps", *REQUIREMENTS]
     done = subprocess.run(pip, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"pip install {' '.join(REQUIREMENTS)} failed:\n{done.stderr[-2000:]}")

@@ -1,4 +1,4 @@
-"""How a patch attaches to a model: its forward passes one call's values through a per-thread record.
+"""The attached classes, and the roles their forwards run.
 
 A *span* is a run of blocks i..j that the model's forward calls one after another (a UNet's
 mid-block is a span of one). With h the streams entering block i and m those leaving block j, the
@@ -21,22 +21,6 @@ the hook dictionaries ``Module._call_impl`` reads, on each hook object's type, c
 A module that has its own ``forward`` attribute (an offloading wrapper, installed before the patch)
 would never reach a class forward: it gets the roles as forward hooks instead.
 
-The values travel in the entry ``call`` of a ``threading.local``'s dict, tagged with the
-controller's token: the carrier sets it, the span start extends it, the span end reads it and
-deletes it. Under torch.compile the forwards of submodules run inside the model's own compiled
-frame, so the timestep is data flow of that frame, shared with no other call or thread, and the
-frame gains no frame of its own (hooks on the model itself run outside the frame
-``torch.compile(model)`` compiles, one Python call per step). The span end reads the λ tables from
-its own block (``_bypass_tables``, the controller's dict), not through the controller. Where a value
-must cross frames (a graph break between carrier and span), Dynamo reads the thread-local per thread.
-
-A call that raises after the carrier and before the span end leaves its values behind; the next
-model call overwrites them, and in eager mode a block called on its own is checked against the
-frame of the model call that wrote them (a stack walk; a record without one, from compiled code or
-a carrier called on its own, against the model being called), so it is never blended with a failed
-call's timestep. Compiled code keeps its record under a key of its own, so such a leftover is
-nothing to it, whether it was there when the code was traced or not (see ``_find_record``).
-
 Dynamo guards on the type of every module it inlines, so swapping a class makes compiled code
 recompile on its next call, and swapping it back reuses the original code. Where every role is a
 hook (Dynamo does not guard on hooks added to empty hook dicts), the span's last block still gets a
@@ -51,89 +35,28 @@ import contextlib
 import inspect
 import sys
 import threading
-import types
-import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, is_grad_enabled, nn
 from torch.compiler import is_compiling
 from torch.nn.utils import parametrize
-from torch.utils.weak import WeakIdKeyDictionary
 
 from bypass_kernels.ops import _as_timestep, blend, blend_, blend_reference
-from bypass_kernels.schedule import BypassSchedule
-from bypass_kernels.scheduler_check import check_scheduler_T
+from bypass_kernels.records import _CALLS, _find_record, _record_keys
+
+if TYPE_CHECKING:  # annotations only: the controller imports this module
+    from bypass_kernels.controller import BypassController
 
 _HOST = torch.device("cpu")
-
-# One record per thread and model class (a model is not called inside another of its own class in
-# one thread; one of another class is, by reference networks and guidance tricks, and has its own
-# record), keyed by its controller's token: the model's class name, a constant that compiled code
-# shares across instances, copies and patches of one class (a token per controller would make every
-# new patch recompile code shared by a class). The call's record: (timestep,
-# frame id) from the carrier, then (timestep, frame id, streams, versions) from the span start, under
-# one of the keys ``_record_keys(token)`` (compiled code's, eager mode's).
-# ``table``: (token, table) from table_for_calls. Written and read as entries of ``_CALLS.__dict__``
-# (this thread's dict), absent between calls: a compiled frame that adds the entry and deletes it
-# again writes nothing back after its graph. Setting an attribute to None instead made Dynamo write
-# it back on every call through a path that raises and clears an AttributeError on a threading.local.
-# (A plain ``threading.local()``: Dynamo replays a compiled frame's writes to it in the calling
-# thread; writes to a subclass's instance would be lost.)
-_CALLS = threading.local()
-_STACK_DEPTH = 64  # frames between a role and the model's forward: _call_impl layers, wrappers, checkpointing
-_OWNER_DEPTH = 64  # frames searched for a call of the model, for a record with no frame id (a rare path)
+_TABLES = "_bypass_tables"  # the attribute of the span's last block that holds the controller's tables
 # How many table_for_calls are open, in all threads. The span end reads the entry ``table`` only while
 # one is: compiled code that read the absent attribute would check its absence on every call (an
 # AttributeError raised and cleared each time, about 6k instructions).
 _OPEN_OVERRIDES = 0
 _OVERRIDES_LOCK = threading.Lock()
-
-
-# --------------------------------------------------------------------- what to attach to
-@dataclass(frozen=True)
-class Stream:
-    """One tensor stream of a span: where it enters block i and where it leaves block j."""
-
-    name: str  # the keyword of block i's forward (``hidden_states``)
-    position: int  # its positional index in block i's forward
-    output_index: int | None  # its index in block j's output tuple; None: the output is this tensor
-    blend: bool = True  # False: carried through unchanged (e.g. the text stream, when asked)
-
-
-@dataclass(frozen=True)
-class Span:
-    """Blocks ``first`` .. ``last`` (the same module for a span of one) and their streams."""
-
-    first: nn.Module
-    last: nn.Module
-    streams: tuple[Stream, ...]
-    modules: tuple[nn.Module, ...]  # every block of the span, in order (for checks)
-    single: bool = field(init=False)  # one stream, which block j returns as a tensor (a UNet's mid-block)
-
-    def __post_init__(self):
-        object.__setattr__(self, "single", len(self.streams) == 1 and self.streams[0].output_index is None)
-
-    def __repr__(self) -> str:  # class names, not the modules' own (long) reprs
-        blocks = type(self.first).__name__ if self.first is self.last else f"{len(self.modules)} blocks"
-        streams = ", ".join(s.name + ("" if s.blend else " (passed through)") for s in self.streams)
-        return f"Span({blocks}; {streams})"
-
-
-@dataclass(frozen=True)
-class Carrier:
-    """Where the timestep is read. ``module`` None: the model's own argument ``arg`` (name, position)."""
-
-    module: nn.Module | None
-    scale: float = 1.0  # table units per unit the carrier receives: table t = offset + scale · t
-    arg: tuple[str, int] = ("timestep", 1)
-    offset: float = 0.0  # Mochi's model receives 1000 − t: offset 1000, scale −1
-    first_half: bool = False  # QwenImage with zero_cond_t embeds [t, 0·t] (the image, its reference): λ from t
-
-    def __repr__(self) -> str:
-        where = type(self.module).__name__ if self.module is not None else f"the model's {self.arg[0]!r} argument"
-        return f"Carrier({where}, scale={self.scale:g}, offset={self.offset:g})"
 
 
 # --------------------------------------------------------------------- the roles
@@ -488,237 +411,24 @@ def _override(calls: dict, token: str):
     return override[1] if override is not None and override[0] == token else None
 
 
-# --------------------------------------------------------------------- the controller
-class BypassController:
-    """The state and hooks of one patched model. Use ``bypass_kernels.patch``, not this class."""
-
-    def __init__(
-        self,
-        schedule: BypassSchedule,
-        backend: str,
-        *,
-        owner: nn.Module,
-        carrier: Carrier,
-        span: Span,
-        clone_inputs: bool = False,
-    ):
-        self.schedule = schedule
-        self.backend = backend
-        self.owner = owner
-        self.carrier = carrier
-        self.span = span
-        self.clone_inputs = clone_inputs
-        self.token = f"{type(owner).__module__}.{type(owner).__qualname__}"
-        # One table per device, in one dict that the span's last block also holds (``_bypass_tables``):
-        # compiled code reads it there, through the model, not through the hook and this controller.
-        self._tables: dict[torch.device, torch.Tensor] = {_HOST: schedule.table(_HOST)}
-        self._pipeline: Callable | None = None  # weakref to the pipeline patched through, if any
-        self._handles: list = []
-        self._swapped: list[tuple[nn.Module, type, Role]] = []  # (module, its base class, its role): picklable
-        self._rebound: list[tuple] = []  # (diffusers hook function reference, attribute, its forward before)
-        self._owner_codes = forward_codes(owner)
-        # block j's input tensor -> (timestep, span input, tables) while checkpointing (see keep_for_recompute)
-        self._recompute = WeakIdKeyDictionary()
-        from bypass_kernels import targets  # (targets imports this module)
-
-        # the block lists as patched: an engine that splits them later (pipeline parallelism) is refused
-        self._block_lists = tuple((name, owner._modules.get(name)) for name in targets.block_lists(owner))
-
-    # ----------------------------------------------------------------- tables
-    @property
-    def table(self) -> torch.Tensor:
-        """The host (CPU) copy of the λ table: float32, length T."""
-        return self._tables[_HOST]
-
-    def table_on(self, device: torch.device) -> torch.Tensor:
-        """The table on ``device``, copied there once; later schedules are written into that copy."""
-        return table_on(self._tables, device)
-
-    def write(self, schedule: BypassSchedule) -> None:
-        """Write ``schedule`` into every copy of the table, in place (same storage: no recompile)."""
-        host = schedule.table(_HOST)
-        if host.shape != self.table.shape:  # a new length: new tables (compiled code recompiles once)
-            self._tables.clear()  # the same dict, which the span's last block holds too
-            self._tables[_HOST] = host
-        else:
-            for table in self._tables.values():
-                table.copy_(host)
-        self.schedule = schedule
-
-    @contextlib.contextmanager
-    def table_for_calls(self, table: torch.Tensor) -> Iterator[None]:
-        """Blend with ``table`` instead of the schedule's, in this thread, for the block's calls: [T], or
-        [rows, T] with a schedule per sample (see ``table_rows``). Copied once to each device a
-        blend runs on."""
-        global _OPEN_OVERRIDES
-        previous = getattr(_CALLS, "table", None)
-        _CALLS.table = (self.token, {table.device: table})
+@contextlib.contextmanager
+def table_override(token: str, table: torch.Tensor) -> Iterator[None]:
+    """``BypassController.table_for_calls``: this thread's calls of the model class ``token`` blend with
+    ``table``; counted in ``_OPEN_OVERRIDES`` while open."""
+    global _OPEN_OVERRIDES
+    previous = getattr(_CALLS, "table", None)
+    _CALLS.table = (token, {table.device: table})
+    with _OVERRIDES_LOCK:
+        _OPEN_OVERRIDES += 1
+    try:
+        yield
+    finally:
         with _OVERRIDES_LOCK:
-            _OPEN_OVERRIDES += 1
-        try:
-            yield
-        finally:
-            with _OVERRIDES_LOCK:
-                _OPEN_OVERRIDES -= 1
-            if previous is None:
-                del _CALLS.table  # absent again, as between calls
-            else:
-                _CALLS.table = previous
-
-    # ----------------------------------------------------------------- the pipeline
-    def link_pipeline(self, pipeline) -> None:
-        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
-
-    @property
-    def pipeline(self):
-        return self._pipeline() if self._pipeline is not None else None
-
-    def check_pipeline(self) -> None:
-        pipeline = self.pipeline
-        if pipeline is not None:
-            check_scheduler_T(pipeline, self.schedule, self.carrier)
-
-    def check_call(self) -> None:
-        """Before an eager call: the pipeline's scheduler, and the block lists still whole."""
-        self.check_pipeline()
-        for name, held in self._block_lists:
-            if self.owner._modules.get(name) is not held:  # replaced since the patch: sliced?
-                from bypass_kernels import targets
-
-                targets.check_blocks_whole(self.owner, "call")
-
-    # ----------------------------------------------------------------- gradient checkpointing
-    def checkpointing(self) -> bool:
-        """Whether the model checkpoints whole blocks, roles included (a transformer with
-        ``gradient_checkpointing`` set; a UNet checkpoints inside its mid-block, below the roles)."""
-        return getattr(self.owner, "gradient_checkpointing", False) is True and not hasattr(self.owner, "mid_block")
-
-    def keep_for_recompute(self, block_input, timestep, entered, tables) -> None:
-        """Keep what block j blended with, under the tensor block j was called on: the backward pass
-        recomputes block j from that tensor, outside the model call, and must blend it the same way.
-        Kept while that tensor lives (the checkpoint holds it until its backward)."""
-        if isinstance(block_input, Tensor):
-            self._recompute[block_input] = (timestep, entered, tables)
-
-    def kept_for_recompute(self, block_input) -> tuple | None:
-        """What ``keep_for_recompute`` kept for ``block_input``; None outside a recomputation."""
-        if not self._recompute or not isinstance(block_input, Tensor) or not is_grad_enabled():
-            return None
-        return self._recompute.get(block_input)
-
-    def live(self, call: tuple) -> bool:
-        """Whether the model call that wrote the record ``call`` is still under way (eager mode)."""
-        frame = call[1]
-        return _on_stack(frame) if frame is not None else self.owner_called()
-
-    # Code objects and weak references cannot be copied or pickled: a copy finds its forward's code
-    # again and has no pipeline (a copied pipeline links its copy again, see patching.PipelineLink).
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        del state["_owner_codes"], state["_recompute"]
-        state["_rebound"] = []  # the copy's hook chains are the copied module's (its forward was deep-copied)
-        state["_pipeline"] = None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._owner_codes = forward_codes(self.owner)
-        self._recompute = WeakIdKeyDictionary()
-
-    def __repr__(self) -> str:
-        return (
-            f"BypassController({type(self.owner).__name__}, span={self.span!r}, timestep={self.carrier!r}, "
-            f"schedule={self.schedule!r}, backend={self.backend!r})"
-        )
-
-    # ----------------------------------------------------------------- what the roles call
-    def owner_frame(self) -> int | None:
-        """The id of the model's forward frame that is calling the carrier (eager mode), or None
-        where it is not found (a forward replaced by the user's own)."""
-        codes = self._owner_codes
-        return next((id(f) for f in _callers(sys._getframe(3), _STACK_DEPTH) if f.f_code in codes), None)
-
-    def owner_called(self) -> bool:
-        """Whether a call of the model is under way in this thread (a frame whose ``self`` is the model),
-        for a record that has no frame id: one written by compiled code, or by a carrier whose model
-        frame was not found. Eager mode only, and only for such records."""
-        owner = self.owner
-        return any(f.f_locals.get("self") is owner for f in _callers(sys._getframe(2), _OWNER_DEPTH))
-
-    # ----------------------------------------------------------------- install / remove
-    def install(self) -> None:
-        """Attach: all or nothing (on any failure the model is left as it was). Each role goes into its
-        module's forward (an attached class), or into a hook where the module has a forward of its own."""
-        try:
-            carrier, first, last = self.carrier.module, self.span.first, self.span.last
-            if carrier is None:
-                hook = self.owner.register_forward_pre_hook(KeepModelTimestep(self), with_kwargs=True)
-                self._handles.append(hook)
-            else:
-                keep = KeepTimestep(self)
-                role = Role("timestep", keep.compiled_key, fast=keep.as_given)
-                if not self._attach_class(carrier, (keep,), role):
-                    self._handles.append(carrier.register_forward_pre_hook(keep))
-            enter, leave = EnterSpan(self), LeaveSpan(self)
-            ends = ((first, enter, leave),) if first is last else ((first, enter, None), (last, None, leave))
-            # own_input: a span of one block and one stream, whose compiled case the attached forward writes out
-            role = Role("span", leave.compiled_key, leave.own_input, leave.input_name, leave.token)
-            for block, pre, post in ends:
-                if not self._attach_class(block, (pre, post), role):
-                    if pre is not None:
-                        self._handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-                    if post is not None:
-                        self._handles.append(block.register_forward_hook(post, with_kwargs=True))
-            last.__dict__[_TABLES] = self._tables
-            if not self._swapped:  # every role is a hook, which compiled code does not see come: swap a class
-                self._attach_class(last, None, Role())
-        except Exception:
-            self.remove()
-            raise
-
-    def _attach_class(self, module: nn.Module, roles: tuple | None, role: Role) -> bool:
-        """Give ``module`` the attached class of ``role``; False (nothing changed) where it has a forward of
-        its own (an offloading wrapper's, say), which a class forward would never be reached through, unless
-        that forward is a chain of diffusers' hooks ending in the class forward: the chain is made to end
-        in the attached one, so the roles run inside the hooks (a context-parallel plan's split happens
-        before the span keeps its input)."""
-        base = parametrize.type_before_parametrizations(module)
-        innermost = None
-        if "forward" in module.__dict__:
-            innermost = _diffusers_innermost(module, base)
-            if roles is not None and innermost is None:
-                return False
-        cls = marker_class(base, role)
-        _set_class_below_parametrizations(module, cls)
-        self._swapped.append((module, base, role))
-        if roles is not None:
-            module.__dict__[_ROLES] = roles
-        for ref, name in innermost or ():
-            self._rebound.append((ref, name, getattr(ref, name)))
-            setattr(ref, name, types.MethodType(cls.forward, module))  # bound to the attached forward
-        return True
-
-    def remove(self) -> None:
-        for handle in reversed(self._handles):
-            handle.remove()
-        self._handles = []
-        for ref, name, original in reversed(self._rebound):
-            setattr(ref, name, original)
-        self._rebound = []
-        if self.span.last.__dict__.get(_TABLES) is self._tables:
-            del self.span.last.__dict__[_TABLES]
-        for module, base, role in reversed(self._swapped):
-            roles = module.__dict__.get(_ROLES)
-            if roles is not None and any(r is not None and r.controller is self for r in roles):
-                del module.__dict__[_ROLES]
-            cls = _attached_class_of(module)
-            if cls is not None and cls._bypass_base is base and cls._bypass_role == role:
-                _set_class_below_parametrizations(module, base)  # (a class put over ours stays, roles gone)
-        self._swapped = []
-
-
-_HOOKS = (KeepTimestep, EnterSpan, LeaveSpan)  # KeepModelTimestep is a KeepTimestep
-_TABLES = "_bypass_tables"  # the attribute of the span's last block that holds the controller's tables
+            _OPEN_OVERRIDES -= 1
+        if previous is None:
+            del _CALLS.table  # absent again, as between calls
+        else:
+            _CALLS.table = previous
 
 
 def table_on(tables: dict, device: torch.device) -> torch.Tensor:
@@ -808,30 +518,6 @@ def _view(tensor: Tensor, shape: tuple) -> Tensor | None:
         return None
 
 
-def owner_of(module: nn.Module) -> BypassController | None:
-    """The controller whose roles sit on ``module``, if any (found through the role objects themselves,
-    so copies and pickles answer too)."""
-    roles = module.__dict__.get(_ROLES) or ()
-    for role in (*roles, *module._forward_pre_hooks.values(), *module._forward_hooks.values()):
-        if isinstance(role, _HOOKS):
-            return role.controller
-    return None
-
-
-def forward_codes(owner: nn.Module) -> frozenset:
-    """The code of the model's forward along its class hierarchy (a subclass's forward may call its
-    base's, and the base's frame is the one that calls the carrier)."""
-    codes = set()
-    for cls in type(owner).__mro__:
-        fn = cls.__dict__.get("forward")
-        while fn is not None:  # through decorators (diffusers wraps forward for LoRA scales)
-            code = getattr(fn, "__code__", None)
-            if code is not None:
-                codes.add(code)
-            fn = getattr(fn, "__wrapped__", None)
-    return frozenset(codes)
-
-
 def _own_input(controller: BypassController) -> bool:
     """A span of one block and one stream (a UNet's mid-block): its end blends with the input the block
     ran on, read from its own arguments, and in compiled code its start keeps nothing (fewer guards; in
@@ -839,38 +525,6 @@ def _own_input(controller: BypassController) -> bool:
     into its input (the start keeps a clone, which the end must use)."""
     span = controller.span
     return span.single and span.first is span.last and span.streams[0].position == 0 and not controller.clone_inputs
-
-
-def _record_keys(token: str) -> tuple[str, str]:
-    """The per-thread record's keys for a model class: (written in compiled code, written in eager
-    mode). Identifiers: Dynamo reads dict entries of a thread-local as attributes, whose names cannot
-    hold dots."""
-    key = "call_" + "".join(c if c.isalnum() else "_" for c in token)
-    return key + "_compiled", key
-
-
-def _find_record(calls: dict, hook) -> tuple[str, tuple | None]:
-    """This call's record and its key: the one compiled code wrote, else the eager one. Compiled code
-    that finds its own record never reads the eager key, so an eager call's record left behind (an error
-    or Ctrl-C inside the span) is nothing to the compiled code: Dynamo does not guard on the entries of
-    this dict, and code traced while such a record was there would delete it again on every call."""
-    call = calls.get(hook.compiled_key)
-    if call is not None:
-        return hook.compiled_key, call
-    return hook.key, calls.get(hook.key)  # read only where compiled code has no record: no guard on it
-
-
-def _callers(frame, depth: int) -> Iterator:
-    """``frame`` and its callers, ``depth`` frames at most."""
-    for _ in range(depth):
-        if frame is None:
-            return
-        yield frame
-        frame = frame.f_back
-
-
-def _on_stack(frame_id: int) -> bool:
-    return any(id(f) == frame_id for f in _callers(sys._getframe(2), _STACK_DEPTH))
 
 
 def _check_unchanged(entered: tuple, versions: tuple) -> None:
