@@ -17,6 +17,8 @@ SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.txt csr
 
 install: $(DEV_STAMP)
 
+# --no-compile: pip would byte-compile every file of every package (torch, ray, transformers: a minute
+# or more here); Python compiles the modules a program imports when it first imports them.
 # Each long step says what it does first; pip runs without -q so its progress shows. numpy arrives with
 # torch, before the extension builds (torch's import at build time warns without it). `run` needs the
 # package alone; the dev extras (tests, lint, docs, optional backends) come with `test` and `install`.
@@ -27,9 +29,9 @@ $(STAMP): $(SOURCES)
 	@echo "==> [2/4] pip, setuptools, wheel and ninja"
 	$(VENV)/bin/python -m pip install --upgrade pip "setuptools>=77" wheel ninja
 	@echo "==> [3/4] $(TORCH_SPEC) and numpy (torch is a large package: minutes on a first install)"
-	$(VENV)/bin/python -m pip install "$(TORCH_SPEC)" numpy
+	$(VENV)/bin/python -m pip install --no-compile "$(TORCH_SPEC)" numpy
 	@echo "==> [4/4] bypass_kernels, building its C++ extension (a few minutes the first time)"
-	$(VENV)/bin/python -m pip install --no-build-isolation -e .
+	$(VENV)/bin/python -m pip install --no-compile --no-build-isolation -e .
 	@touch $(STAMP)
 	@echo "==> installed into $(VENV); the kernels:"
 	@$(VENV)/bin/bypass-kernels info
@@ -39,7 +41,7 @@ $(STAMP): $(SOURCES)
 $(DEV_STAMP): $(STAMP) pyproject.toml
 	@echo "==> the dev extras: tests, lint, documentation and the optional backends (onnx, triton...)"
 	$(VENV)/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['dev'], sep='\n')" > $(VENV)/dev-requirements.txt
-	$(VENV)/bin/python -m pip install -r $(VENV)/dev-requirements.txt
+	$(VENV)/bin/python -m pip install --no-compile -r $(VENV)/dev-requirements.txt
 	@touch $(DEV_STAMP)
 
 run: $(STAMP)
