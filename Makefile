@@ -10,8 +10,6 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -q -n 2 --dist loadfile --no-loadscope-reorder  # two workers; each file on one, longest first (conftest)
 
 STAMP := $(VENV)/.bypass_kernels_installed
-# byte-compile the environment's packages on every core (quiet; a file that does not compile is skipped)
-COMPILE = $(VENV)/bin/python -m compileall -qq -j 0 $(VENV)/lib > /dev/null 2>&1 || true
 DEV_STAMP := $(VENV)/.bypass_kernels_dev_installed
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.txt csrc/*/*.cpp csrc/*/*.cu)
 
@@ -19,8 +17,9 @@ SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.txt csr
 
 install: $(DEV_STAMP)
 
-# --no-compile, then compileall on every core: pip byte-compiles on one core (torch, ray, transformers:
-# over a minute here); left to the first imports, the tests' many processes would each compile the same.
+# --no-compile: pip would byte-compile every file of every package (a minute or more here for torch and
+# the dev extras); Python compiles the modules a program imports when it first imports them, a fraction
+# of them for `make run`. (For `make test` it is even: the suite's first imports compile what it uses.)
 # Each long step says what it does first; pip runs without -q so its progress shows. numpy arrives with
 # torch, before the extension builds (torch's import at build time warns without it). `run` needs the
 # package alone; the dev extras (tests, lint, docs, optional backends) come with `test` and `install`.
@@ -34,7 +33,6 @@ $(STAMP): $(SOURCES)
 	$(VENV)/bin/python -m pip install --no-compile "$(TORCH_SPEC)" numpy
 	@echo "==> [4/4] bypass_kernels, building its C++ extension (a few minutes the first time)"
 	$(VENV)/bin/python -m pip install --no-compile --no-build-isolation -e .
-	@$(COMPILE)
 	@touch $(STAMP)
 	@echo "==> installed into $(VENV); the kernels:"
 	@$(VENV)/bin/bypass-kernels info
@@ -45,7 +43,6 @@ $(DEV_STAMP): $(STAMP) pyproject.toml
 	@echo "==> the dev extras: tests, lint, documentation and the optional backends (onnx, triton...)"
 	$(VENV)/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['dev'], sep='\n')" > $(VENV)/dev-requirements.txt
 	$(VENV)/bin/python -m pip install --no-compile -r $(VENV)/dev-requirements.txt
-	@$(COMPILE)
 	@touch $(DEV_STAMP)
 
 run: $(STAMP)
