@@ -36,7 +36,6 @@ from bypass_kernels.scheduler_check import check_scheduler_T
 from bypass_kernels.targets import Carrier, Span
 
 
-# --------------------------------------------------------------------- the controller
 class BypassController:
     """The state and hooks of one patched model. Use ``bypass_kernels.patch``, not this class."""
 

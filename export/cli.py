@@ -143,30 +143,44 @@ def run_export(args) -> int:
         raise _one_line(exc) from None
 
 
-def _run_export(args) -> int:
-    from bypass_kernels.export import staging
-    from bypass_kernels.export.onnx_export import export_to_staging, verify_export
+def _engine_ranges(options: dict, enabled: bool, needs: str) -> dict:
+    """The engine shape ranges given on the command line (``--text-len`` -> ``text_len``), checked;
+    each is refused unless the engine is built (``needs``: the option that builds it)."""
     from bypass_kernels.export.profiles import parse_range
 
-    from bypass_kernels.presets import load_unet
+    ranges = {}
+    for option, value in options.items():
+        if value is not None:
+            if not enabled:
+                raise ValueError(f"{option}: an engine shape range; it needs {needs}")
+            ranges[option.lstrip("-").replace("-", "_")] = parse_range(option, value)
+    return ranges
+
+
+def _schedule_option(text: str | None):
+    """``--schedule`` as a schedule (default: ``default_schedule()``); errors name the option."""
     from bypass_kernels.schedule import BypassSchedule, default_schedule
 
-    ranges = {}
-    for option, value in (("--batch", args.batch), ("--resolution", args.resolution), ("--text-len", args.text_len)):
-        if value is not None:
-            if not args.engine:
-                raise ValueError(f"{option}: an engine shape range; it needs --engine")
-            ranges[option.lstrip("-").replace("-", "_")] = parse_range(option, value)
-    if args.engine:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorrt") is None:
-            raise ValueError("--engine: TensorRT is not installed here (`pip install tensorrt`, needs an NVIDIA GPU)")
     try:
-        schedule = BypassSchedule.parse(args.schedule) if args.schedule else default_schedule()
+        return BypassSchedule.parse(text) if text else default_schedule()
     except (KeyError, OverflowError, ValueError, TypeError) as exc:
         message = str(exc) if not isinstance(exc, KeyError) else f"missing key {exc}"
         raise ValueError(f"--schedule: {message}") from None
+
+
+def _run_export(args) -> int:
+    from bypass_kernels.export import staging
+    from bypass_kernels.export.onnx_export import export_to_staging, verify_export
+
+    from bypass_kernels.presets import load_unet
+
+    options = {"--batch": args.batch, "--resolution": args.resolution, "--text-len": args.text_len}
+    ranges = _engine_ranges(options, args.engine, "--engine")
+    if args.engine:
+        from bypass_kernels.export.tensorrt import require_installed
+
+        require_installed("--engine")
+    schedule = _schedule_option(args.schedule)
     names = [ONNX_NAME, "config.json", "bypass_schedule.json"] + ([ENGINE_NAME] if args.engine else [])
     folder, created = _prepare_out(args.out, names, args.overwrite)
     progress = Progress(4 + (not args.no_check) + bool(args.engine))
@@ -303,22 +317,13 @@ def _scheduler_for(model: str, class_name: str):
 
 
 def run_triton_repo(args) -> int:
-    from bypass_kernels.export.profiles import parse_range
     from bypass_kernels.export.triton_repo import write_model_repository
 
     from bypass_kernels.presets import load_unet
-    from bypass_kernels.schedule import BypassSchedule, default_schedule
 
-    ranges = {}
-    for option, value in (("--resolution", args.resolution), ("--text-len", args.text_len)):
-        if value is not None:
-            if args.backend != "tensorrt":
-                raise ValueError(f"{option}: an engine shape range; it needs --backend tensorrt")
-            ranges[option.lstrip("-").replace("-", "_")] = parse_range(option, value)
-    try:
-        schedule = BypassSchedule.parse(args.schedule) if args.schedule else default_schedule()
-    except (KeyError, OverflowError, ValueError, TypeError) as exc:
-        raise ValueError(f"--schedule: {exc}") from None
+    options = {"--resolution": args.resolution, "--text-len": args.text_len}
+    ranges = _engine_ranges(options, args.backend == "tensorrt", "--backend tensorrt")
+    schedule = _schedule_option(args.schedule)
     with _terminate_as_exit():
         scheduler = None if args.no_pipeline else _scheduler_for(args.model, args.scheduler)
         print(f"exporting {args.model} (a schedule per sample) and writing the repository ...", flush=True)

@@ -25,6 +25,17 @@ from bypass_kernels.export.profiles import Profile, default_profile, describe
 from bypass_kernels.export.runtime import PipelineUNet, load_config
 
 
+def require_installed(what: str) -> None:
+    """Refuse ``what`` before any work where TensorRT cannot be imported (the build would fail at its end)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        raise ValueError(
+            f"{what}: TensorRT is not installed here (`pip install tensorrt` where the engine will run: it needs "
+            "an NVIDIA GPU, and an engine is built for its GPU)"
+        )
+
+
 def _tensorrt():
     try:
         import tensorrt as trt

@@ -160,10 +160,7 @@ def denoiser_config(
     ``tensorrt``: ``profile`` (``default_profile``'s (min, opt, max) shapes by input) gives the
     dimensions (fixed where min = max, else -1) and the largest batch the engine takes.
     """
-    if backend not in DENOISER_BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(DENOISER_BACKENDS)}, got {backend!r}")
-    _check_count("max_batch_size", max_batch_size)
-    _check_count("instances", instances)
+    _check_denoiser(backend, max_batch_size, instances)
     inputs, outputs = graph_tensors(onnx_path)
     options: dict = {}
     if backend == "onnxruntime":
@@ -219,6 +216,13 @@ def pipeline_config(*, denoiser: str, latent_channels: int, schedule_len: int, i
         kind="KIND_CPU",
         parameters={"denoiser": denoiser},
     )
+
+
+def _check_denoiser(backend: str, max_batch_size: int, instances: int) -> None:
+    if backend not in DENOISER_BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(DENOISER_BACKENDS)}, got {backend!r}")
+    _check_count("max_batch_size", max_batch_size)
+    _check_count("instances", instances)
 
 
 def _check_count(name: str, value) -> None:
@@ -278,20 +282,13 @@ def write_model_repository(
 
     from bypass_kernels import targets
 
-    if backend not in DENOISER_BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(DENOISER_BACKENDS)}, got {backend!r}")
-    for label, value in (("max_batch_size", max_batch_size), ("instances", instances)):
-        _check_count(label, value)
+    _check_denoiser(backend, max_batch_size, instances)  # before the export, not after it
     _check_count("pipeline_instances", pipeline_instances)
     _check_count("num_inference_steps", num_inference_steps)
     if backend == "tensorrt":
-        import importlib.util
+        from bypass_kernels.export.tensorrt import require_installed
 
-        if importlib.util.find_spec("tensorrt") is None:
-            raise ValueError(
-                "backend 'tensorrt': TensorRT is not installed here (`pip install tensorrt` on the GPU "
-                "machine that will serve: an engine is built for its GPU)"
-            )
+        require_installed("backend 'tensorrt'")
     if engine_ranges and backend != "tensorrt":
         raise ValueError(f"{', '.join(engine_ranges)}: engine shape ranges need backend='tensorrt'")
     folder = os.path.abspath(folder)

@@ -62,7 +62,7 @@ class PipelineServer:
         self.pipe = load_pipeline(pipeline, device=device, torch_dtype=torch_dtype)
         bypass_kernels.patch(self.pipe, schedule)
         self.schedule = bypass_kernels.get_schedule(self.pipe)
-        self.num_train_timesteps = len(self.schedule.table())
+        self.num_train_timesteps = self.schedule.num_train_timesteps
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.generate.set_max_batch_size(max_batch_size)
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)

@@ -38,6 +38,7 @@ class TritonPythonModel:
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self.denoiser = params.get("denoiser", self.settings["denoiser"])
         self.default_table = np.asarray(self.settings["bypass_schedule"], dtype=np.float32)
+        self.dtype = np.dtype(self.settings["dtype"])  # the denoiser graph's (its timestep: float32)
 
     def execute(self, requests):
         responses = []
@@ -75,10 +76,12 @@ class TritonPythonModel:
             extra["generator"] = generator
         latents = latents * scheduler.init_noise_sigma
         text = np.concatenate([uncond.astype(np.float32)[None], cond]) if guided else cond
+        text = np.ascontiguousarray(text, dtype=self.dtype)  # the same every step: converted once
+        rows = np.ascontiguousarray(np.broadcast_to(table, (text.shape[0], table.size)))  # a row per sample
         for t in scheduler.timesteps:
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = torch.from_numpy(self.denoise(model_input.numpy(), float(t), text, table))
+            noise = torch.from_numpy(self.denoise(model_input.numpy(), float(t), text, rows))
             if guided:
                 noise_uncond, noise_text = noise.chunk(2)
                 noise = noise_uncond + guidance * (noise_text - noise_uncond)
@@ -116,13 +119,13 @@ class TritonPythonModel:
         shape = (1, self.settings["latent_channels"], height // factor, width // factor)
         return torch.randn(shape, generator=generator, dtype=torch.float32)
 
-    def denoise(self, sample: np.ndarray, t: float, text: np.ndarray, table: np.ndarray) -> np.ndarray:
-        rows, dtype = sample.shape[0], np.dtype(self.settings["dtype"])  # the graph's (timestep: float32)
+    def denoise(self, sample: np.ndarray, t: float, text: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """One denoiser call; ``text`` and ``rows`` (the schedule, a row per sample) in the graph's form."""
         inputs = [
-            pb_utils.Tensor("sample", np.ascontiguousarray(sample, dtype=dtype)),
-            pb_utils.Tensor("timestep", np.full((rows, 1), t, dtype=np.float32)),
-            pb_utils.Tensor("encoder_hidden_states", np.ascontiguousarray(text, dtype=dtype)),
-            pb_utils.Tensor("bypass_schedule", np.ascontiguousarray(np.broadcast_to(table, (rows, table.size)))),
+            pb_utils.Tensor("sample", np.ascontiguousarray(sample, dtype=self.dtype)),
+            pb_utils.Tensor("timestep", np.full((sample.shape[0], 1), t, dtype=np.float32)),
+            pb_utils.Tensor("encoder_hidden_states", text),
+            pb_utils.Tensor("bypass_schedule", rows),
         ]
         request = pb_utils.InferenceRequest(model_name=self.denoiser, inputs=inputs, requested_output_names=["latent"])
         response = request.exec()
